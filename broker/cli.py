@@ -1,0 +1,131 @@
+"""Command line: `token-broker serve | migrate | get | dev`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+
+from broker import __version__, logs
+from broker.config import Settings
+from broker.errors import BrokerError
+
+log = logging.getLogger("broker.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="token-broker",
+        description="Serves users' OIDC access tokens over gRPC. Configured by BROKER_* environment variables.",
+    )
+    p.add_argument("--version", action="version", version=f"token-broker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT",
+                   description="Run the gRPC server (BROKER_LISTEN) and /metrics until SIGTERM or SIGINT.")
+    sub.add_parser("migrate", help="apply database migrations (BROKER_MIGRATE_DATABASE_URL)",
+                   description="Create the broker's schema, roles, grants and functions. Idempotent; safe to run "
+                               "concurrently. Uses BROKER_MIGRATE_DATABASE_URL (default BROKER_DATABASE_URL).")
+    get = sub.add_parser("get", help="call GetOIDCAccessToken and print the status and expiry",
+                         description="Call the running broker for USER_ID; prints status and expiry, and the token "
+                                     "only with --show-token.")
+    get.add_argument("user_id", metavar="USER_ID", help="the user's UUID")
+    get.add_argument("--target", default=None, help="HOST:PORT of the broker (default: BROKER_LISTEN)")
+    get.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    get.add_argument("--show-token", action="store_true", help="also print the access token")
+    sub.add_parser("dev", help="local run: embedded PostgreSQL under .data/ when BROKER_DATABASE_URL is unset, "
+                               "migrate, serve",
+                   description="For `make run`: with BROKER_DATABASE_URL unset, start an embedded PostgreSQL under "
+                               ".data/, migrate it, and serve; otherwise migrate and serve.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    try:
+        if args.command == "get":
+            return asyncio.run(_get(args, env))
+        settings = Settings.from_env(env)
+        secrets = [s.reveal() for s in (settings.oidc_client_secret,) if s]
+        secrets += [p for s in (settings.database_url, settings.migrate_database_url) if s and (p := _password(s.reveal()))]
+        logs.configure(settings.log_level, redact=secrets)
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "dev":
+            return _dev(env)
+        from broker.app import serve
+
+        asyncio.run(serve(settings))
+        return 0
+    except BrokerError as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _password(dsn: str) -> str | None:
+    try:
+        return urlsplit(dsn).password
+    except ValueError:
+        return None
+
+
+async def _migrate(settings: Settings) -> int:
+    from broker.errors import ConfigError
+    from broker.migrate import migrate
+
+    if settings.migrate_database_url is None:
+        raise ConfigError("invalid configuration:\n  BROKER_MIGRATE_DATABASE_URL or BROKER_DATABASE_URL: required")
+    report = await migrate(settings.migrate_database_url.reveal(), settings.db_service_role)
+    log.info("migrations done", extra={"applied": report.applied, "already_applied": report.already_applied})
+    return 0
+
+
+async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from broker.client import TokenBrokerClient
+
+    target = args.target or env.get("BROKER_LISTEN") or "127.0.0.1:50051"
+    async with TokenBrokerClient(target, timeout=args.timeout) as client:
+        try:
+            token = await client.get_oidc_access_token(args.user_id)
+        except grpc.aio.AioRpcError as exc:
+            print(f"token-broker: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"status: {token.status.name}")
+    print(f"expires_at: {token.expires_at.isoformat() if token.expires_at else '-'}")
+    if args.show_token:
+        print(f"access_token: {token.access_token}")
+    return 0
+
+
+def _dev(env: dict[str, str]) -> int:
+    """Embedded PostgreSQL when no database is configured; then migrate and serve in this process."""
+    from broker.app import serve
+    from broker.migrate import migrate
+
+    pg = None
+    if not env.get("BROKER_DATABASE_URL") and not env.get("BROKER_DATABASE_URL_FILE"):
+        from broker.devdb import EmbeddedPostgres
+
+        port = int(env.get("BROKER_DEV_DB_PORT", "54329"))
+        pg = EmbeddedPostgres(Path(env.get("BROKER_DEV_DATA", ".data")) / "postgres", port=port).start()
+        env["BROKER_MIGRATE_DATABASE_URL"] = pg.url()
+        env["BROKER_DATABASE_URL"] = pg.url(user=env.get("BROKER_DB_SERVICE_ROLE", "token_broker"))
+        log.info("embedded PostgreSQL started", extra={"port": pg.port, "datadir": str(pg.datadir)})
+    try:
+        settings = Settings.from_env(env)
+        assert settings.migrate_database_url is not None
+        asyncio.run(migrate(settings.migrate_database_url.reveal(), settings.db_service_role))
+        asyncio.run(serve(settings))
+    finally:
+        if pg is not None:
+            pg.stop()
+    return 0

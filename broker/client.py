@@ -1,0 +1,165 @@
+"""Clients for Python callers: `TokenBrokerClient` (asyncio) and `SyncTokenBrokerClient` (threads, sync workers).
+
+Defaults a caller would otherwise get wrong: a deadline on every call, retries of UNAVAILABLE with backoff in the
+gRPC service config, keepalive, and one channel reused for every call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from broker.model import TokenStatus
+from broker.v1 import token_broker_pb2 as pb
+from broker.v1 import token_broker_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT = 2.0
+
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "broker.v1.TokenBroker"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+_FROM_PROTO = {
+    pb.TOKEN_STATUS_VALID: TokenStatus.VALID,
+    pb.TOKEN_STATUS_REFRESHED: TokenStatus.REFRESHED,
+    pb.TOKEN_STATUS_NO_LINK: TokenStatus.NO_LINK,
+    pb.TOKEN_STATUS_EXPIRED: TokenStatus.EXPIRED,
+    pb.TOKEN_STATUS_REAUTH_REQUIRED: TokenStatus.REAUTH_REQUIRED,
+    pb.TOKEN_STATUS_IDP_UNAVAILABLE: TokenStatus.IDP_UNAVAILABLE,
+    pb.TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus.STORE_UNAVAILABLE,
+    pb.TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus.ACCOUNT_DISABLED,
+}
+
+
+@dataclass(frozen=True)
+class OIDCToken:
+    """A user's OIDC access token ("" when there is none) with its expiry and the broker's status."""
+
+    access_token: str = field(repr=False)
+    expires_at: datetime | None
+    status: TokenStatus
+
+    def bearer_headers(self) -> dict[str, str]:
+        """`{"Authorization": "Bearer <token>"}` for a non-empty token, `{}` otherwise (the original rule)."""
+        return {"Authorization": f"Bearer {self.access_token}"} if self.access_token else {}
+
+
+def _token(resp: pb.GetOIDCAccessTokenResponse) -> OIDCToken:
+    expires = resp.expires_at.ToDatetime(tzinfo=UTC) if resp.HasField("expires_at") else None
+    status = _FROM_PROTO.get(resp.status)
+    if status is None:
+        raise ValueError(f"unknown token status {resp.status}")
+    return OIDCToken(resp.access_token, expires, status)
+
+
+def _metadata(caller_token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {caller_token}"),) if caller_token else None
+
+
+class TokenBrokerClient:
+    """`async with TokenBrokerClient("broker:50051") as c: headers = await c.bearer_headers(user_id)`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        caller_token: str | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        opts = CHANNEL_OPTIONS + (options or [])
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=opts)
+        )
+        self._stub = pb_grpc.TokenBrokerStub(self._channel)
+        self._timeout = timeout
+        self._metadata = _metadata(caller_token)
+
+    async def __aenter__(self) -> TokenBrokerClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def get_oidc_access_token(self, user_id: str, *, timeout: float | None = None) -> OIDCToken:
+        """Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
+        resp = await self._stub.GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=user_id), timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        return _token(resp)
+
+    async def bearer_headers(self, user_id: str) -> dict[str, str]:
+        return (await self.get_oidc_access_token(user_id)).bearer_headers()
+
+
+class SyncTokenBrokerClient:
+    """The same client for synchronous workers (thread-safe; one channel)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        caller_token: str | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        opts = CHANNEL_OPTIONS + (options or [])
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=opts)
+        )
+        self._stub = pb_grpc.TokenBrokerStub(self._channel)
+        self._timeout = timeout
+        self._metadata = _metadata(caller_token)
+
+    def __enter__(self) -> SyncTokenBrokerClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def get_oidc_access_token(self, user_id: str, *, timeout: float | None = None) -> OIDCToken:
+        resp = self._stub.GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=user_id), timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        return _token(resp)
+
+    def bearer_headers(self, user_id: str) -> dict[str, str]:
+        return self.get_oidc_access_token(user_id).bearer_headers()

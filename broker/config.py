@@ -1,0 +1,281 @@
+"""Settings: one frozen dataclass built once from an injected environment mapping. The ONLY reader of the environment.
+
+A bad value fails fast with one message that names every bad variable. Secrets have no defaults and may come from
+files (`*_FILE`), so they need not sit in the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from broker.errors import ConfigError
+from broker.idp import check_url, is_loopback_host
+from broker.model import Secret
+
+T = TypeVar("T")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the broker. Field docs name the environment variable."""
+
+    database_url: Secret | None
+    """BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: the service's login role. Required to serve."""
+    migrate_database_url: Secret | None
+    """BROKER_MIGRATE_DATABASE_URL(_FILE): an admin role for `migrate`; defaults to BROKER_DATABASE_URL."""
+    db_service_role: str = "token_broker"
+    """BROKER_DB_SERVICE_ROLE: the login role `migrate` grants EXECUTE to."""
+    db_pool_min: int = 1
+    """BROKER_DB_POOL_MIN."""
+    db_pool_max: int = 10
+    """BROKER_DB_POOL_MAX; refreshes hold a connection across the IdP call and use at most half of the pool."""
+    listen: str = "127.0.0.1:50051"
+    """BROKER_LISTEN: host:port of the gRPC server."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """BROKER_METRICS_LISTEN: host:port of the Prometheus /metrics endpoint; empty disables it."""
+    log_level: str = "INFO"
+    """BROKER_LOG_LEVEL."""
+    request_timeout: float = 10.0
+    """BROKER_REQUEST_TIMEOUT: the most one RPC may take, also when the caller set no deadline (seconds)."""
+    refresh_leeway: float = 600.0
+    """BROKER_REFRESH_LEEWAY: refresh when now >= expiry - leeway (seconds; the Go product's value)."""
+    refresh_ahead: float = 60.0
+    """BROKER_REFRESH_AHEAD: serve and refresh in the background this long before the leeway window (0 = off)."""
+    refresh_lock_timeout: float = 8.0
+    """BROKER_REFRESH_LOCK_TIMEOUT: the most a refresh waits for the per-link lock held by another replica."""
+    reauth_backoff: float = 60.0
+    """BROKER_REAUTH_BACKOFF: a rejected refresh token is not sent to the IdP again for this long (seconds)."""
+    persist_retry_seconds: float = 30.0
+    """BROKER_PERSIST_RETRY_SECONDS: how long a failed write-back of refreshed tokens is retried with backoff."""
+    oidc_issuer: str | None = None
+    """BROKER_OIDC_ISSUER: discovery via /.well-known/openid-configuration."""
+    oidc_token_url: str | None = None
+    """BROKER_OIDC_TOKEN_URL: the token endpoint, skipping discovery."""
+    oidc_client_id: str | None = None
+    """BROKER_OIDC_CLIENT_ID."""
+    oidc_client_secret: Secret | None = None
+    """BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE."""
+    oidc_auth_method: str = "client_secret_basic"
+    """BROKER_OIDC_AUTH_METHOD: client_secret_basic or client_secret_post."""
+    oidc_timeout: float = 5.0
+    """BROKER_OIDC_TIMEOUT: every IdP call's timeout (seconds)."""
+    circuit_failures: int = 5
+    """BROKER_CIRCUIT_FAILURES: consecutive IdP outages that open the circuit."""
+    circuit_open_seconds: float = 15.0
+    """BROKER_CIRCUIT_OPEN_SECONDS: how long the circuit stays open before a probe."""
+    health_interval: float = 5.0
+    """BROKER_HEALTH_INTERVAL: how often readiness checks the database (seconds)."""
+    drain_delay: float = 0.0
+    """BROKER_DRAIN_DELAY: after SIGTERM, seconds of NOT_SERVING before the server stops accepting calls."""
+    shutdown_grace: float = 10.0
+    """BROKER_SHUTDOWN_GRACE: seconds in-flight RPCs get to finish at shutdown."""
+    tls_cert_file: Path | None = None
+    """BROKER_TLS_CERT_FILE: server certificate chain (PEM); with BROKER_TLS_KEY_FILE enables TLS."""
+    tls_key_file: Path | None = None
+    """BROKER_TLS_KEY_FILE."""
+    tls_client_ca_file: Path | None = None
+    """BROKER_TLS_CLIENT_CA_FILE: require and verify client certificates issued by this CA (mutual TLS)."""
+    allowed_callers: frozenset[str] = field(default_factory=frozenset)
+    """BROKER_ALLOWED_CALLERS: comma-separated URI/DNS SANs (client certs) or token names allowed to call."""
+    caller_tokens_file: Path | None = None
+    """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
+    allow_insecure: bool = False
+    """BROKER_ALLOW_INSECURE: allow a non-loopback listen address without TLS or caller tokens."""
+    max_concurrent_per_caller: int = 64
+    """BROKER_MAX_CONCURRENT_PER_CALLER: in-flight RPCs per caller identity before RESOURCE_EXHAUSTED."""
+    max_request_bytes: int = 4096
+    """BROKER_MAX_REQUEST_BYTES: the largest request message accepted."""
+
+    @property
+    def idp_configured(self) -> bool:
+        return bool(self.oidc_client_id and (self.oidc_issuer or self.oidc_token_url))
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        return is_loopback_host(host)
+
+    @property
+    def authenticates_callers(self) -> bool:
+        return self.tls_client_ca_file is not None or self.caller_tokens_file is not None
+
+    @staticmethod
+    def from_env(environ: Mapping[str, str]) -> Settings:
+        return _Reader(environ).settings()
+
+
+class _Reader:
+    """Parses each variable, collecting every problem before failing once."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.env = environ
+        self.errors: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value if value not in (None, "") else None
+
+    def get(self, name: str, parse: Callable[[str], T], default: T, check: Callable[[T], str | None]) -> T:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            value = parse(text.strip())
+        except ValueError:
+            self.errors.append(f"{name}: cannot parse {text!r}")
+            return default
+        problem = check(value)
+        if problem:
+            self.errors.append(f"{name}: {problem}")
+        return value
+
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+        def check(v: float) -> str | None:
+            if v != v or v in (float("inf"), float("-inf")):
+                return "must be a finite number of seconds"
+            if v < 0 or (v == 0 and not allow_zero):
+                return "must be " + ("zero or more" if allow_zero else "more than zero") + " seconds"
+            return None
+
+        return self.get(name, float, default, check)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        return self.get(name, int, default, lambda v: None if low <= v <= high else f"must be {low}..{high}")
+
+    def boolean(self, name: str, default: bool) -> bool:
+        text = self.raw(name)
+        if text is None:
+            return default
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        self.errors.append(f"{name}: must be true or false, not {text!r}")
+        return default
+
+    def secret(self, name: str) -> Secret | None:
+        """NAME, or the contents of the file NAME_FILE (trailing newline stripped); never both."""
+        direct, path = self.raw(name), self.raw(name + "_FILE")
+        if direct and path:
+            self.errors.append(f"{name} and {name}_FILE are both set; set one")
+            return None
+        if path:
+            try:
+                return Secret(Path(path).read_text().strip())
+            except OSError as exc:
+                self.errors.append(f"{name}_FILE: cannot read {path}: {exc.strerror}")
+                return None
+        return Secret(direct) if direct else None
+
+    def file(self, name: str) -> Path | None:
+        text = self.raw(name)
+        if text is None:
+            return None
+        p = Path(text)
+        if not p.is_file():
+            self.errors.append(f"{name}: no such file {text}")
+        return p
+
+    def address(self, name: str, default: str, *, allow_empty: bool = False) -> str:
+        text = self.env.get(name)
+        if text is None or (text == "" and not allow_empty):
+            return default
+        if text == "" and allow_empty:
+            return ""
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.errors.append(f"{name}: must be host:port, not {text!r}")
+            return default
+        host = host.strip("[]")
+        if host not in ("localhost", "0.0.0.0", "::", "*") and not _is_ip_or_name(host):
+            self.errors.append(f"{name}: bad host {host!r}")
+        return text
+
+    def settings(self) -> Settings:
+        database_url = self.secret("BROKER_DATABASE_URL")
+        migrate_url = self.secret("BROKER_MIGRATE_DATABASE_URL") or database_url
+        for label, dsn in (("BROKER_DATABASE_URL", database_url), ("BROKER_MIGRATE_DATABASE_URL", migrate_url)):
+            if dsn is not None and urlsplit(dsn.reveal()).scheme not in ("postgres", "postgresql"):
+                self.errors.append(f"{label}: must be a postgresql:// URL")
+        role = self.raw("BROKER_DB_SERVICE_ROLE") or "token_broker"
+        if not role.replace("_", "a").isalnum() or role[0].isdigit() or len(role) > 63:
+            self.errors.append("BROKER_DB_SERVICE_ROLE: must be a plain role name (letters, digits, _)")
+        issuer = self.raw("BROKER_OIDC_ISSUER")
+        token_url = self.raw("BROKER_OIDC_TOKEN_URL")
+        for name, url in (("BROKER_OIDC_ISSUER", issuer), ("BROKER_OIDC_TOKEN_URL", token_url)):
+            if url and (problem := check_url(name, url)):
+                self.errors.append(problem)
+        client_id = self.raw("BROKER_OIDC_CLIENT_ID")
+        client_secret = self.secret("BROKER_OIDC_CLIENT_SECRET")
+        if (issuer or token_url) and not client_id:
+            self.errors.append("BROKER_OIDC_CLIENT_ID: required when an issuer or token URL is set")
+        if client_id and not (issuer or token_url):
+            self.errors.append("BROKER_OIDC_ISSUER or BROKER_OIDC_TOKEN_URL: required with BROKER_OIDC_CLIENT_ID")
+        auth_method = self.raw("BROKER_OIDC_AUTH_METHOD") or "client_secret_basic"
+        if auth_method not in AUTH_METHODS:
+            self.errors.append(f"BROKER_OIDC_AUTH_METHOD: must be one of {', '.join(AUTH_METHODS)}")
+        if client_id and client_secret is None:
+            self.errors.append("BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE: required")
+        log_level = (self.raw("BROKER_LOG_LEVEL") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            self.errors.append(f"BROKER_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}")
+        cert, key = self.file("BROKER_TLS_CERT_FILE"), self.file("BROKER_TLS_KEY_FILE")
+        if (cert is None) != (key is None):
+            self.errors.append("BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE: set both or neither")
+        client_ca = self.file("BROKER_TLS_CLIENT_CA_FILE")
+        if client_ca is not None and cert is None:
+            self.errors.append("BROKER_TLS_CLIENT_CA_FILE: requires BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE")
+        callers = frozenset(c.strip() for c in (self.raw("BROKER_ALLOWED_CALLERS") or "").split(",") if c.strip())
+        s = Settings(
+            database_url=database_url,
+            migrate_database_url=migrate_url,
+            db_service_role=role,
+            db_pool_min=self.integer("BROKER_DB_POOL_MIN", 1, 0, 1000),
+            db_pool_max=self.integer("BROKER_DB_POOL_MAX", 10, 1, 1000),
+            listen=self.address("BROKER_LISTEN", "127.0.0.1:50051"),
+            metrics_listen=self.address("BROKER_METRICS_LISTEN", "127.0.0.1:9464", allow_empty=True),
+            log_level=log_level,
+            request_timeout=self.seconds("BROKER_REQUEST_TIMEOUT", 10.0),
+            refresh_leeway=self.seconds("BROKER_REFRESH_LEEWAY", 600.0, allow_zero=True),
+            refresh_ahead=self.seconds("BROKER_REFRESH_AHEAD", 60.0, allow_zero=True),
+            refresh_lock_timeout=self.seconds("BROKER_REFRESH_LOCK_TIMEOUT", 8.0),
+            reauth_backoff=self.seconds("BROKER_REAUTH_BACKOFF", 60.0, allow_zero=True),
+            persist_retry_seconds=self.seconds("BROKER_PERSIST_RETRY_SECONDS", 30.0),
+            oidc_issuer=issuer,
+            oidc_token_url=token_url,
+            oidc_client_id=client_id,
+            oidc_client_secret=client_secret,
+            oidc_auth_method=auth_method,
+            oidc_timeout=self.seconds("BROKER_OIDC_TIMEOUT", 5.0),
+            circuit_failures=self.integer("BROKER_CIRCUIT_FAILURES", 5, 1, 10_000),
+            circuit_open_seconds=self.seconds("BROKER_CIRCUIT_OPEN_SECONDS", 15.0),
+            health_interval=self.seconds("BROKER_HEALTH_INTERVAL", 5.0),
+            drain_delay=self.seconds("BROKER_DRAIN_DELAY", 0.0, allow_zero=True),
+            shutdown_grace=self.seconds("BROKER_SHUTDOWN_GRACE", 10.0, allow_zero=True),
+            tls_cert_file=cert,
+            tls_key_file=key,
+            tls_client_ca_file=client_ca,
+            allowed_callers=callers,
+            caller_tokens_file=self.file("BROKER_CALLER_TOKENS_FILE"),
+            allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", False),
+            max_concurrent_per_caller=self.integer("BROKER_MAX_CONCURRENT_PER_CALLER", 64, 1, 100_000),
+            max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", 4096, 64, 1 << 20),
+        )
+        if self.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
+        return s
+
+
+def _is_ip_or_name(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return all(part.replace("-", "").isalnum() for part in host.split(".")) and len(host) <= 253

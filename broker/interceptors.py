@@ -1,0 +1,143 @@
+"""The server interceptor: where every RPC enters. Caller authorisation, per-caller limits, gRPC metrics, the
+access/audit log line, and the last-resort mapping of unexpected exceptions to INTERNAL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from broker.metrics import Metrics
+from broker.model import TokenResult
+
+log = logging.getLogger("broker.access")
+audit_log = logging.getLogger("broker.audit")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What the servicer learned about one call, for the interceptor's metrics and audit line."""
+
+    caller: str | None = None
+    user_id: str | None = None
+    result: TokenResult | None = None
+
+
+current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
+
+
+def record_result(user_id: str, result: TokenResult) -> None:
+    record = current_call.get()
+    if record is not None:
+        record.user_id = user_id
+        record.result = result
+
+
+class Gatekeeper:
+    """Decides whether a caller may call the token service; implemented in broker.auth."""
+
+    async def admit(
+        self, context: grpc.aio.ServicerContext, metadata: tuple[tuple[str, Any], ...]
+    ) -> tuple[str | None, Callable[[], None]]:
+        """Return (caller identity, release callback) or abort the RPC."""
+        return None, _noop
+
+
+def _noop() -> None:
+    pass
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics, protected_service: str, gatekeeper: Gatekeeper | None = None) -> None:
+        self._metrics = metrics
+        self._protected = protected_service
+        self._gate = gatekeeper or Gatekeeper()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        protected = service == self._protected
+        labels = ("unary", service, method)
+        inner = handler.unary_unary
+        m = self._metrics
+        gate = self._gate
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            record = CallRecord()
+            token = current_call.set(record)
+            m.grpc_started.labels(*labels).inc()
+            code = grpc.StatusCode.OK
+            release = _noop
+            try:
+                if protected:
+                    record.caller, release = await gate.admit(context, details.invocation_metadata or ())
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", details.method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                release()
+                current_call.reset(token)
+                elapsed = time.perf_counter() - started
+                m.grpc_handled.labels(*labels, code.name).inc()
+                m.grpc_seconds.labels(*labels).observe(elapsed)
+                self._log(details.method, protected, code, elapsed, context, record)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _log(
+        self,
+        method: str,
+        protected: bool,
+        code: grpc.StatusCode,
+        elapsed: float,
+        context: grpc.aio.ServicerContext,
+        record: CallRecord,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "method": method,
+            "grpc_code": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
+            "peer": context.peer(),
+        }
+        if not protected:
+            log.debug("rpc", extra=fields)
+            return
+        result = record.result
+        if result is not None:
+            self._metrics.token_requests.labels(status=result.status.value).inc()
+            if result.expiry is not None and result.access_token:
+                remaining = result.expiry.timestamp() - time.time()
+                self._metrics.token_remaining.observe(max(remaining, 0.0))
+        fields.update(
+            caller=record.caller,
+            user_id=record.user_id,
+            status=result.status.value if result else None,
+            refreshed=result.refreshed if result else False,
+            audit=True,
+        )
+        audit_log.info("token request", extra=fields)

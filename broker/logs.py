@@ -1,0 +1,52 @@
+"""Structured logs: one JSON object per line on stdout, with secrets scrubbed as a last line of defence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as JSON: ts, level, logger, msg, the record's `extra` fields, and any traceback.
+
+    Values listed in `redact` (the client secret, the DSN password) are replaced wherever they appear.
+    """
+
+    def __init__(self, redact: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._redact = [s for s in redact if s and len(s) >= 4]
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        line = json.dumps(entry, default=str, separators=(",", ":"))
+        for secret in self._redact:
+            if secret in line:
+                line = line.replace(secret, "[REDACTED]")
+        return line
+
+
+def configure(level: str, redact: Iterable[str] = (), stream: TextIO | None = None) -> None:
+    """Route every logger to one JSON handler on stdout at `level`."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter(redact))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpx2", "httpcore", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

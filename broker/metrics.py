@@ -1,0 +1,118 @@
+"""Prometheus metrics, created on a registry injected at start-up (never import-time globals).
+
+No label carries a user id, a token or any other unbounded value: labels are statuses, results, gRPC codes and
+method names, all from closed sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from broker import __version__
+from broker.model import TokenStatus
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_REMAINING_BUCKETS = (0, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400)
+REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable")
+
+del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry's copies are not used
+
+
+class Metrics:
+    """Every metric of the broker; also the refresher's RefreshObserver."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.build_info = Gauge("token_broker_build_info", "Build information.", ["version"], registry=registry)
+        self.build_info.labels(version=__version__).set(1)
+        self.token_requests = Counter(
+            "token_broker_token_requests", "Token requests answered, by TokenStatus.", ["status"], registry=registry
+        )
+        for status in TokenStatus:
+            self.token_requests.labels(status=status.value)
+        self.refreshes = Counter(
+            "token_broker_refreshes", "Refresh grants sent to the IdP, by result.", ["result"], registry=registry
+        )
+        for result in REFRESH_RESULTS:
+            self.refreshes.labels(result=result)
+        self.refresh_duration = Histogram(
+            "token_broker_refresh_duration_seconds", "IdP round trip of a refresh grant.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.lock_wait = Histogram(
+            "token_broker_refresh_lock_wait_seconds", "Wait for the per-link refresh lock in PostgreSQL.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.refresh_inflight = Gauge(
+            "token_broker_refresh_inflight", "Refreshes running in this process.", registry=registry
+        )
+        self.persist_failures = Counter(
+            "token_broker_refresh_persist_failures",
+            "Refreshed tokens whose write-back still failed after retrying (kept in memory).", registry=registry,
+        )
+        self.token_remaining = Histogram(
+            "token_broker_token_remaining_seconds", "Lifetime left on tokens served (tokens with an expiry).",
+            buckets=_REMAINING_BUCKETS, registry=registry,
+        )
+        self.circuit = Gauge(
+            "token_broker_idp_circuit_state", "IdP circuit breaker: 0 closed, 1 open, 2 half-open.",
+            registry=registry,
+        )
+        self.db_pool_size = Gauge("token_broker_db_pool_connections", "Connections in the pool.", registry=registry)
+        self.db_pool_in_use = Gauge(
+            "token_broker_db_pool_connections_in_use", "Pool connections in use.", registry=registry
+        )
+        self.unpersisted = Gauge(
+            "token_broker_refresh_unpersisted", "Refreshed tokens held in memory awaiting write-back.",
+            registry=registry,
+        )
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"], registry=registry,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server.", labels,
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+
+    def bind_pool(self, stats: Callable[[], tuple[int, int]]) -> None:
+        self.db_pool_size.set_function(lambda: stats()[0])
+        self.db_pool_in_use.set_function(lambda: stats()[1])
+
+    def bind_unpersisted(self, count: Callable[[], int]) -> None:
+        self.unpersisted.set_function(lambda: float(count()))
+
+    # RefreshObserver
+    def refresh_finished(self, result: str, seconds: float) -> None:
+        self.refreshes.labels(result=result).inc()
+        self.refresh_duration.observe(seconds)
+
+    def lock_waited(self, seconds: float) -> None:
+        self.lock_wait.observe(seconds)
+
+    def inflight(self, delta: int) -> None:
+        self.refresh_inflight.inc(delta)
+
+    def persist_failed(self) -> None:
+        self.persist_failures.inc()
+
+    def circuit_state(self, state: int) -> None:
+        self.circuit.set(state)

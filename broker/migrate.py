@@ -1,0 +1,83 @@
+"""`token-broker migrate`: applies the versioned SQL files in broker/migrations once each, then the repeatable ones.
+
+Safe to run from several pods at once: everything happens in one transaction under an advisory lock. On the
+product's own database it only adds what the broker owns (schema token_broker, roles, grants, functions).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+from broker.errors import StoreUnavailable
+
+log = logging.getLogger("broker.migrate")
+
+#: An arbitrary constant key for pg_advisory_xact_lock, so concurrent migrations wait for each other.
+MIGRATION_LOCK_KEY = 0x746F6B656E62726B  # "tokenbrk"
+_VERSIONED = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_BOOKKEEPING = """
+CREATE SCHEMA IF NOT EXISTS token_broker;
+CREATE TABLE IF NOT EXISTS token_broker.schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    applied: list[str]
+    already_applied: int
+
+
+def _files() -> tuple[list[tuple[int, str, str]], list[tuple[str, str]]]:
+    versioned: list[tuple[int, str, str]] = []
+    repeatable: list[tuple[str, str]] = []
+    for entry in resources.files("broker.migrations").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        m = _VERSIONED.match(entry.name)
+        if m:
+            versioned.append((int(m.group(1)), entry.name, entry.read_text()))
+        elif entry.name.startswith("repeatable_"):
+            repeatable.append((entry.name, entry.read_text()))
+    return sorted(versioned), sorted(repeatable)
+
+
+async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> MigrationReport:
+    """Apply pending migrations with the admin DSN; return what was applied."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", service_role):
+        raise ValueError(f"BROKER_DB_SERVICE_ROLE is not a valid role name: {service_role!r}")
+    versioned, repeatable = _files()
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise StoreUnavailable(f"cannot connect for migration: {type(exc).__name__}") from None
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(_BOOKKEEPING)
+            await conn.execute("SELECT set_config('token_broker.service_role', $1, true)", service_role)
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM token_broker.schema_migrations")}
+            applied: list[str] = []
+            for version, name, sql in versioned:
+                if version in done:
+                    continue
+                log.info("applying migration", extra={"migration": name})
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO token_broker.schema_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+                applied.append(name)
+            for name, sql in repeatable:
+                await conn.execute(sql)
+        return MigrationReport(applied=applied, already_applied=len(done))
+    finally:
+        await conn.close()

@@ -1,0 +1,94 @@
+"""Value types of the domain: secrets that never print, the stored link, and the outcome of a token request."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+
+class Secret:
+    """A credential whose repr and str are redacted; `reveal()` is the only way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def fingerprint(self) -> str:
+        """A short, non-reversible id for memory keys and debugging; never the value."""
+        return hashlib.sha256(self._value.encode()).hexdigest()[:16]
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+class AccountState(enum.Enum):
+    """The owning user's state in the product's `users` table, when the database has one."""
+
+    ACTIVE = "active"
+    DISABLED = "disabled"  # suspended or deleted
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A user's stored OIDC link. `expiry` None means the token never expires (the product's zero time)."""
+
+    user_id: UUID
+    access_token: Secret
+    refresh_token: Secret
+    expiry: datetime | None
+    account: AccountState = AccountState.ACTIVE
+    encrypted: bool = False  # tokens are dbcrypt ciphertext the broker cannot read
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshedTokens:
+    """What the identity provider returned for a refresh grant, normalised."""
+
+    access_token: Secret
+    refresh_token: Secret
+    expiry: datetime | None
+
+
+class TokenStatus(enum.Enum):
+    """Why a token (or no token) was returned; mirrors broker.v1.TokenStatus."""
+
+    VALID = "valid"
+    REFRESHED = "refreshed"
+    NO_LINK = "no_link"
+    EXPIRED = "expired"
+    REAUTH_REQUIRED = "reauth_required"
+    IDP_UNAVAILABLE = "idp_unavailable"
+    STORE_UNAVAILABLE = "store_unavailable"
+    ACCOUNT_DISABLED = "account_disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResult:
+    """The answer to one token request. `access_token` is empty for every status but VALID and REFRESHED."""
+
+    status: TokenStatus
+    access_token: Secret = Secret("")
+    expiry: datetime | None = None
+    refreshed: bool = False  # this request caused or joined a refresh at the IdP
+
+    @staticmethod
+    def empty(status: TokenStatus) -> TokenResult:
+        return TokenResult(status)

@@ -1,0 +1,73 @@
+"""The small interfaces the domain talks to. Adapters (store.py, idp.py, metrics.py) implement them."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+from uuid import UUID
+
+from broker.model import Link, RefreshedTokens, Secret
+
+
+class LockedLink(Protocol):
+    """A link read under the per-link refresh lock; the lock is held until the context exits."""
+
+    link: Link | None
+
+    async def save(self, tokens: RefreshedTokens) -> bool:
+        """Write refreshed tokens inside the locked transaction; committed when the context exits cleanly."""
+        ...
+
+
+class LinkStore(Protocol):
+    """Reads and writes OIDC links under the elevated database role."""
+
+    async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None: ...
+
+    def lock_link(self, user_id: UUID, *, lock_timeout: float) -> AbstractAsyncContextManager[LockedLink]: ...
+
+    async def save_refreshed(
+        self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
+    ) -> bool:
+        """Write refreshed tokens outside any lock, only where the row still holds `previous_refresh` (or
+        already holds the new one); True when the row holds the new tokens afterwards."""
+        ...
+
+
+class IdentityProvider(Protocol):
+    """Performs the OAuth2 refresh_token grant."""
+
+    async def refresh(self, refresh_token: Secret) -> RefreshedTokens: ...
+
+
+class RefreshObserver(Protocol):
+    """What the refresher reports for metrics; a no-op implementation is fine."""
+
+    def refresh_finished(self, result: str, seconds: float) -> None: ...
+
+    def lock_waited(self, seconds: float) -> None: ...
+
+    def inflight(self, delta: int) -> None: ...
+
+    def persist_failed(self) -> None: ...
+
+    def circuit_state(self, state: int) -> None: ...
+
+
+class NullObserver:
+    """A RefreshObserver that records nothing."""
+
+    def refresh_finished(self, result: str, seconds: float) -> None:
+        pass
+
+    def lock_waited(self, seconds: float) -> None:
+        pass
+
+    def inflight(self, delta: int) -> None:
+        pass
+
+    def persist_failed(self) -> None:
+        pass
+
+    def circuit_state(self, state: int) -> None:
+        pass

@@ -1,0 +1,75 @@
+"""The gRPC servicer: proto <-> domain, input validation and the per-RPC deadline budget. No SQL, no HTTP."""
+
+from __future__ import annotations
+
+import logging
+import re
+from uuid import UUID
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.interceptors import record_result
+from broker.model import TokenResult, TokenStatus
+from broker.tokens import TokenService
+from broker.v1 import token_broker_pb2 as pb
+from broker.v1 import token_broker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("broker.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_MARGIN = 0.05  # seconds kept back from the caller's deadline to send the answer
+
+STATUS_TO_PROTO = {
+    TokenStatus.VALID: pb.TOKEN_STATUS_VALID,
+    TokenStatus.REFRESHED: pb.TOKEN_STATUS_REFRESHED,
+    TokenStatus.NO_LINK: pb.TOKEN_STATUS_NO_LINK,
+    TokenStatus.EXPIRED: pb.TOKEN_STATUS_EXPIRED,
+    TokenStatus.REAUTH_REQUIRED: pb.TOKEN_STATUS_REAUTH_REQUIRED,
+    TokenStatus.IDP_UNAVAILABLE: pb.TOKEN_STATUS_IDP_UNAVAILABLE,
+    TokenStatus.STORE_UNAVAILABLE: pb.TOKEN_STATUS_STORE_UNAVAILABLE,
+    TokenStatus.ACCOUNT_DISABLED: pb.TOKEN_STATUS_ACCOUNT_DISABLED,
+}
+
+
+def parse_user_id(text: str) -> UUID | None:
+    """The canonical 36-character UUID text form only; length is checked before any parsing."""
+    if len(text) != 36 or not _UUID.fullmatch(text):
+        return None
+    return UUID(text)
+
+
+def to_proto(result: TokenResult) -> pb.GetOIDCAccessTokenResponse:
+    response = pb.GetOIDCAccessTokenResponse(status=STATUS_TO_PROTO[result.status])
+    if result.access_token:
+        response.access_token = result.access_token.reveal()
+        if result.expiry is not None:
+            ts = Timestamp()
+            ts.FromDatetime(result.expiry)
+            response.expires_at.CopyFrom(ts)
+    return response
+
+
+class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
+    def __init__(self, tokens: TokenService, request_timeout: float) -> None:
+        self._tokens = tokens
+        self._request_timeout = request_timeout
+
+    async def GetOIDCAccessToken(  # noqa: N802 - the name is the RPC's
+        self, request: pb.GetOIDCAccessTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetOIDCAccessTokenResponse:
+        user_id = parse_user_id(request.user_id)
+        if user_id is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "user_id must be a UUID in canonical text form (8-4-4-4-12 hex digits)",
+            )
+        assert user_id is not None
+        remaining = context.time_remaining()
+        budget = self._request_timeout if remaining is None else min(remaining - _MARGIN, self._request_timeout)
+        if budget <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline too short to look up a token")
+        result = await self._tokens.get_token(user_id, budget)
+        record_result(request.user_id, result)
+        return to_proto(result)

@@ -1,0 +1,47 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TokenStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_STATUS_UNSPECIFIED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_VALID: _ClassVar[TokenStatus]
+    TOKEN_STATUS_REFRESHED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_NO_LINK: _ClassVar[TokenStatus]
+    TOKEN_STATUS_EXPIRED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_REAUTH_REQUIRED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_IDP_UNAVAILABLE: _ClassVar[TokenStatus]
+    TOKEN_STATUS_STORE_UNAVAILABLE: _ClassVar[TokenStatus]
+    TOKEN_STATUS_ACCOUNT_DISABLED: _ClassVar[TokenStatus]
+TOKEN_STATUS_UNSPECIFIED: TokenStatus
+TOKEN_STATUS_VALID: TokenStatus
+TOKEN_STATUS_REFRESHED: TokenStatus
+TOKEN_STATUS_NO_LINK: TokenStatus
+TOKEN_STATUS_EXPIRED: TokenStatus
+TOKEN_STATUS_REAUTH_REQUIRED: TokenStatus
+TOKEN_STATUS_IDP_UNAVAILABLE: TokenStatus
+TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus
+TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus
+
+class GetOIDCAccessTokenRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class GetOIDCAccessTokenResponse(_message.Message):
+    __slots__ = ("access_token", "expires_at", "status")
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    access_token: str
+    expires_at: _timestamp_pb2.Timestamp
+    status: TokenStatus
+    def __init__(self, access_token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, str]] = ...) -> None: ...

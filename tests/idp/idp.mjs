@@ -1,0 +1,67 @@
+// Test-only OpenID provider: oidc-provider with refresh-token rotation and reuse detection.
+// Prints one JSON line {"issuer": ...} on stdout once listening. Test hooks under /__test/:
+//   GET  /__test/stats   refresh grants counted from the provider's own events
+//   POST /__test/fault   {"mode": "ok"|"down"|"slow"|"garbage", "delay_ms": N} applied to the token endpoint
+import http from 'node:http';
+import Provider from 'oidc-provider';
+
+const clientId = process.env.IDP_CLIENT_ID || 'broker';
+const clientSecret = process.env.IDP_CLIENT_SECRET || 'broker-secret';
+const accessTtl = parseInt(process.env.IDP_ACCESS_TOKEN_TTL || '3600', 10);
+const port = parseInt(process.env.IDP_PORT || '0', 10);
+
+const stats = { refresh_success: 0, refresh_error: 0, invalid_grant: 0, grants_revoked: 0, token_requests: 0 };
+let fault = { mode: 'ok', delay_ms: 0 };
+
+const server = http.createServer();
+server.listen(port, '127.0.0.1', () => {
+  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const provider = new Provider(issuer, {
+    clients: [{
+      client_id: clientId,
+      client_secret: clientSecret,
+      redirect_uris: ['http://127.0.0.1/callback'],
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      token_endpoint_auth_method: 'client_secret_basic',
+    }],
+    features: { devInteractions: { enabled: true } },
+    pkce: { required: () => false },
+    rotateRefreshToken: true,
+    ttl: { AccessToken: accessTtl, RefreshToken: 14 * 24 * 3600, Grant: 14 * 24 * 3600 },
+    issueRefreshToken: async (ctx, client, code) => client.grantTypeAllowed('refresh_token')
+      && code.scopes.has('offline_access'),
+    findAccount: async (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
+  });
+  provider.on('grant.success', (ctx) => {
+    if (ctx.oidc.params.grant_type === 'refresh_token') stats.refresh_success += 1;
+  });
+  provider.on('grant.error', (ctx, err) => {
+    if (ctx.oidc.params && ctx.oidc.params.grant_type === 'refresh_token') {
+      stats.refresh_error += 1;
+      if (err.error === 'invalid_grant') stats.invalid_grant += 1;
+    }
+  });
+  provider.on('grant.revoked', () => { stats.grants_revoked += 1; });
+
+  provider.use(async (ctx, next) => {
+    if (ctx.path === '/__test/stats') { ctx.body = stats; return; }
+    if (ctx.path === '/__test/fault' && ctx.method === 'POST') {
+      const chunks = [];
+      for await (const c of ctx.req) chunks.push(c);
+      fault = { mode: 'ok', delay_ms: 0, ...JSON.parse(Buffer.concat(chunks).toString() || '{}') };
+      ctx.body = fault;
+      return;
+    }
+    if (ctx.path === '/token' && ctx.method === 'POST') {
+      stats.token_requests += 1;
+      if (fault.delay_ms) await new Promise((r) => { setTimeout(r, fault.delay_ms); });
+      if (fault.mode === 'down') { ctx.status = 503; ctx.body = 'upstream unavailable'; return; }
+      if (fault.mode === 'garbage') { ctx.status = 200; ctx.type = 'json'; ctx.body = '{"not": "a token"'; return; }
+    }
+    await next();
+  });
+  server.on('request', provider.callback());
+  process.stdout.write(`${JSON.stringify({ issuer })}\n`);
+});
+process.on('SIGTERM', () => { server.close(); process.exit(0); });
