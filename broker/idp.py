@@ -91,7 +91,7 @@ class OidcRefresher:
                 return self._token_url
             url = f"{self._issuer}/.well-known/openid-configuration"
             try:
-                resp = await self._client.get(url, timeout=self._timeout)
+                resp = await self._client.request("GET", url, withhold_token=True, timeout=self._timeout)
                 resp.raise_for_status()
                 doc = resp.json()
             except (httpx2.HTTPError, ValueError) as exc:

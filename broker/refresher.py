@@ -152,6 +152,9 @@ class Refresher:
         except StoreUnavailable as exc:
             log.warning("refresh not done: %s", exc, extra={"user_id": str(seen.user_id)})
             return fallback(seen, TokenStatus.STORE_UNAVAILABLE, self._clock())
+        except Exception:
+            log.exception("refresh failed unexpectedly", extra={"user_id": str(seen.user_id)})
+            return fallback(seen, TokenStatus.IDP_UNAVAILABLE, self._clock())
 
     async def _refresh(self, seen: Link, *, retry_on_rotation: bool) -> TokenResult:
         uid = seen.user_id

@@ -26,7 +26,7 @@ class IssuedTokens:
     expires_in: int
 
 
-class TestIdP:
+class OidcTestProvider:
     """One oidc-provider process on 127.0.0.1 with rotation on; stats come from its own event hooks."""
 
     def __init__(self, access_ttl: int = 3600) -> None:
@@ -49,6 +49,9 @@ class TestIdP:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def stats(self) -> dict[str, int]:
         r = httpx2.get(f"{self.issuer}/__test/stats", timeout=5)

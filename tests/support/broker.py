@@ -1,0 +1,127 @@
+"""Run the real broker for a test: in-process (App on port 0) or as a `python -m broker serve` subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+import httpx2
+from broker.app import App
+from broker.config import Settings
+from broker.devdb import free_port
+from broker.v1 import token_broker_pb2 as pb
+from broker.v1 import token_broker_pb2_grpc as pb_grpc
+from tests.support.idp import CLIENT_ID, CLIENT_SECRET, OidcTestProvider
+from tests.support.pg import Database
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def broker_env(db: Database | None, idp: OidcTestProvider | None = None, **overrides: str) -> dict[str, str]:
+    env = {
+        "BROKER_LISTEN": "127.0.0.1:0",
+        "BROKER_METRICS_LISTEN": "127.0.0.1:0",
+        "BROKER_HEALTH_INTERVAL": "0.2",
+        "BROKER_SHUTDOWN_GRACE": "1",
+    }
+    if db is not None:
+        env["BROKER_DATABASE_URL"] = db.service_url
+    if idp is not None:
+        env.update(
+            BROKER_OIDC_ISSUER=idp.issuer, BROKER_OIDC_CLIENT_ID=CLIENT_ID, BROKER_OIDC_CLIENT_SECRET=CLIENT_SECRET
+        )
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class RunningBroker:
+    app: App
+    channel: grpc.aio.Channel
+    stub: pb_grpc.TokenBrokerStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    async def get(self, user_id: object, timeout: float = 10.0) -> pb.GetOIDCAccessTokenResponse:
+        return await self.stub.GetOIDCAccessToken(pb.GetOIDCAccessTokenRequest(user_id=str(user_id)), timeout=timeout)
+
+    def metrics_text(self) -> str:
+        r = httpx2.get(f"http://127.0.0.1:{self.app.metrics_port}/metrics", timeout=5)
+        r.raise_for_status()
+        return r.text
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The value of one sample scraped over HTTP and parsed with prometheus-client's parser."""
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+
+@asynccontextmanager
+async def running_broker(env: Mapping[str, str]) -> AsyncIterator[RunningBroker]:
+    app = App(Settings.from_env(env))
+    await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        yield RunningBroker(app, channel, pb_grpc.TokenBrokerStub(channel))
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+class BrokerProcess:
+    """`python -m broker serve` as a separate OS process (a replica)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        full = dict(os.environ)
+        full.update(env)
+        full["BROKER_LISTEN"] = f"127.0.0.1:{self.port}"
+        full["BROKER_METRICS_LISTEN"] = ""
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve"], env=full, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.target = f"127.0.0.1:{self.port}"
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"broker exited: {self.log_path.read_text()[-2000:]}")
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service="broker.v1.TokenBroker"), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError("broker did not become ready")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            rc = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc
