@@ -31,6 +31,7 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a connection left mid-operation by a server-side termination
 )
 
 
