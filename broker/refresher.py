@@ -195,11 +195,10 @@ class Refresher:
                 if link.account is AccountState.DISABLED:
                     return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
                 now = self._clock()
-                if not needs_refresh(link, now, self._s.leeway):
+                changed = link.refresh_token != seen.refresh_token or link.access_token != seen.access_token
+                if changed and not needs_refresh(link, now, self._s.leeway):
                     # Another caller or replica refreshed while we waited for the lock: use its token.
-                    changed = link.access_token != seen.access_token
-                    status = TokenStatus.REFRESHED if changed else TokenStatus.VALID
-                    return TokenResult(status, link.access_token, link.expiry, refreshed=changed)
+                    return TokenResult(TokenStatus.REFRESHED, link.access_token, link.expiry, refreshed=True)
                 used = link.refresh_token
                 if self._is_dead(used):
                     return fallback(link, TokenStatus.REAUTH_REQUIRED, now)

@@ -10,6 +10,38 @@ const clientSecret = process.env.IDP_CLIENT_SECRET || 'broker-secret';
 const accessTtl = parseInt(process.env.IDP_ACCESS_TOKEN_TTL || '3600', 10);
 const port = parseInt(process.env.IDP_PORT || '0', 10);
 
+// An unbounded in-memory adapter: the built-in one is an LRU of 1000 entries, which evicts live refresh tokens
+// (and so answers invalid_grant) once a test logs in a few hundred users.
+const store = new Map();
+const grants = new Map();
+class MapAdapter {
+  constructor(name) { this.name = name; }
+  key(id) { return `${this.name}:${id}`; }
+  async upsert(id, payload, expiresIn) {
+    const key = this.key(id);
+    store.set(key, { payload, expiresAt: expiresIn ? Date.now() + expiresIn * 1000 : Infinity });
+    if (payload.grantId) {
+      if (!grants.has(payload.grantId)) grants.set(payload.grantId, new Set());
+      grants.get(payload.grantId).add(key);
+    }
+    if (payload.uid) store.set(`uid:${this.name}:${payload.uid}`, { payload: id, expiresAt: Infinity });
+    if (payload.userCode) store.set(`uc:${this.name}:${payload.userCode}`, { payload: id, expiresAt: Infinity });
+  }
+  async find(id) {
+    const e = store.get(this.key(id));
+    if (!e || e.expiresAt < Date.now()) return undefined;
+    return e.payload;
+  }
+  async findByUid(uid) { const e = store.get(`uid:${this.name}:${uid}`); return e ? this.find(e.payload) : undefined; }
+  async findByUserCode(c) { const e = store.get(`uc:${this.name}:${c}`); return e ? this.find(e.payload) : undefined; }
+  async consume(id) { const e = store.get(this.key(id)); if (e) e.payload.consumed = Math.floor(Date.now() / 1000); }
+  async destroy(id) { store.delete(this.key(id)); }
+  async revokeByGrantId(grantId) {
+    for (const key of grants.get(grantId) || []) store.delete(key);
+    grants.delete(grantId);
+  }
+}
+
 const stats = { refresh_success: 0, refresh_error: 0, invalid_grant: 0, grants_revoked: 0, token_requests: 0 };
 let fault = { mode: 'ok', delay_ms: 0 };
 
@@ -17,6 +49,7 @@ const server = http.createServer();
 server.listen(port, '127.0.0.1', () => {
   const issuer = `http://127.0.0.1:${server.address().port}`;
   const provider = new Provider(issuer, {
+    adapter: MapAdapter,
     clients: [{
       client_id: clientId,
       client_secret: clientSecret,

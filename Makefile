@@ -1,0 +1,59 @@
+# Thin targets; CI runs the same commands (.ci/run). `make run` and `make test` need nothing installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+NODE_STAMP := tests/idp/node_modules/.installed
+TOOLS  := .tools
+
+.PHONY: install run test lint fmt typecheck proto proto-check buf check bench helm-lint clean
+
+install: $(STAMP) $(NODE_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): tests/idp/package.json tests/idp/package-lock.json
+	npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/token-broker dev
+
+test: $(STAMP) $(NODE_STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/broker/v1/token_broker.proto
+
+proto-check: proto
+	git diff --exit-code -- broker/v1 || (echo "broker/v1 is out of date with protos/: run make proto" >&2; exit 1)
+
+buf: $(STAMP)
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against '.git#branch=main,subdir=.' || $(VENV)/bin/buf breaking --against '.git#ref=HEAD'
+
+helm-lint: $(STAMP)
+	$(PY) -m tests.support.helm lint
+
+bench: $(STAMP) $(NODE_STAMP)
+	$(PY) -m bench.run
+
+check: lint typecheck proto-check buf test
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .data tests/idp/node_modules

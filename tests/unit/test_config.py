@@ -1,0 +1,90 @@
+"""Settings.from_env: defaults, secrets from files, and one message naming every bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import Settings
+from broker.errors import ConfigError
+
+BASE = {"BROKER_DATABASE_URL": "postgresql://svc:pw@db/app"}
+
+
+def test_defaults() -> None:
+    s = Settings.from_env(BASE)
+    assert s.listen == "127.0.0.1:50051"
+    assert s.metrics_listen == "127.0.0.1:9464"
+    assert s.refresh_leeway == 600
+    assert s.oidc_timeout == 5
+    assert s.reauth_backoff == 60
+    assert s.db_service_role == "token_broker"
+    assert s.oidc_auth_method == "client_secret_basic"
+    assert not s.idp_configured
+    assert s.migrate_database_url == s.database_url
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    env = {
+        **BASE,
+        "BROKER_REFRESH_LEEWAY": "ten",
+        "BROKER_OIDC_TIMEOUT": "-1",
+        "BROKER_LISTEN": "nope",
+        "BROKER_LOG_LEVEL": "LOUD",
+        "BROKER_DB_POOL_MAX": "0",
+        "BROKER_OIDC_ISSUER": "http://idp.example.com",
+        "BROKER_ALLOW_INSECURE": "maybe",
+    }
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env)
+    msg = str(err.value)
+    for name in ("BROKER_REFRESH_LEEWAY", "BROKER_OIDC_TIMEOUT", "BROKER_LISTEN", "BROKER_LOG_LEVEL",
+                 "BROKER_DB_POOL_MAX", "BROKER_OIDC_ISSUER", "BROKER_OIDC_CLIENT_ID", "BROKER_ALLOW_INSECURE"):
+        assert name in msg
+
+
+def test_secrets_never_appear_in_errors_or_repr() -> None:
+    env = {**BASE, "BROKER_DATABASE_URL": "mysql://u:hunter2@db/x", "BROKER_OIDC_CLIENT_SECRET": "s3cr3t-value"}
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env)
+    assert "hunter2" not in str(err.value)
+    assert "s3cr3t-value" not in str(err.value)
+    s = Settings.from_env({**BASE, "BROKER_OIDC_CLIENT_SECRET": "s3cr3t-value", "BROKER_OIDC_CLIENT_ID": "c",
+                           "BROKER_OIDC_TOKEN_URL": "https://idp.example.com/token"})
+    assert "s3cr3t-value" not in repr(s)
+    assert "pw@" not in repr(s)
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    (tmp_path / "dsn").write_text("postgresql://svc:pw@db/app\n")
+    (tmp_path / "secret").write_text("from-file\n")
+    s = Settings.from_env({
+        "BROKER_DATABASE_URL_FILE": str(tmp_path / "dsn"),
+        "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
+        "BROKER_OIDC_CLIENT_ID": "c",
+        "BROKER_OIDC_ISSUER": "https://idp.example.com",
+    })
+    assert s.database_url is not None and s.database_url.reveal() == "postgresql://svc:pw@db/app"
+    assert s.oidc_client_secret is not None and s.oidc_client_secret.reveal() == "from-file"
+    assert s.idp_configured
+
+
+def test_missing_secret_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BROKER_OIDC_CLIENT_SECRET_FILE"):
+        Settings.from_env({**BASE, "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "missing"),
+                           "BROKER_OIDC_CLIENT_ID": "c", "BROKER_OIDC_ISSUER": "https://idp.example.com"})
+
+
+@pytest.mark.parametrize("issuer", ["http://127.0.0.1:8080", "http://localhost:9000", "http://[::1]:9000"])
+def test_plain_http_issuer_is_allowed_on_loopback(issuer: str) -> None:
+    s = Settings.from_env({**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c",
+                           "BROKER_OIDC_CLIENT_SECRET": "s"})
+    assert s.oidc_issuer == issuer
+
+
+@pytest.mark.parametrize("issuer", ["http://10.0.0.5", "http://idp.internal", "ftp://127.0.0.1", "idp.example.com"])
+def test_plain_http_issuer_is_refused_elsewhere(issuer: str) -> None:
+    with pytest.raises(ConfigError, match="BROKER_OIDC_ISSUER"):
+        Settings.from_env({**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c",
+                           "BROKER_OIDC_CLIENT_SECRET": "s"})
