@@ -43,9 +43,13 @@ proto: $(STAMP)
 proto-check: proto
 	git diff --exit-code -- broker/v1 || (echo "broker/v1 is out of date with protos/: run make proto" >&2; exit 1)
 
+# On a branch: breaking changes against main. On main itself: against the previous commit that had buf.yaml.
 buf: $(STAMP)
 	$(VENV)/bin/buf lint
-	$(VENV)/bin/buf breaking --against '.git#branch=main,subdir=.' || $(VENV)/bin/buf breaking --against '.git#ref=HEAD'
+	@if [ "$$(git rev-parse --abbrev-ref HEAD)" != main ]; then against=".git#branch=main"; \
+	elif git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then against=".git#ref=HEAD~1"; \
+	else echo "buf breaking: no earlier contract to compare with"; exit 0; fi; \
+	echo "buf breaking --against $$against"; $(VENV)/bin/buf breaking --against "$$against"
 
 helm-lint: $(STAMP)
 	$(PY) -m tests.support.helm lint

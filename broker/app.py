@@ -63,7 +63,9 @@ class App:
 
         assert s.database_url is not None
         pool = await PostgresStore.create_pool(
-            s.database_url.reveal(), min_size=min(s.db_pool_min, s.db_pool_max), max_size=s.db_pool_max,
+            s.database_url.reveal(),
+            min_size=min(s.db_pool_min, s.db_pool_max),
+            max_size=s.db_pool_max,
             connect_timeout=s.request_timeout,
         )
         stack.push_async_callback(pool.close)
@@ -72,10 +74,15 @@ class App:
 
         idp: OidcRefresher | None = None
         if s.idp_configured:
-            assert s.oidc_client_id is not None and s.oidc_client_secret is not None
+            assert s.oidc_client_id is not None
+            assert s.oidc_client_secret is not None
             idp = OidcRefresher(
-                client_id=s.oidc_client_id, client_secret=s.oidc_client_secret, timeout=s.oidc_timeout,
-                issuer=s.oidc_issuer, token_url=s.oidc_token_url, auth_method=s.oidc_auth_method,
+                client_id=s.oidc_client_id,
+                client_secret=s.oidc_client_secret,
+                timeout=s.oidc_timeout,
+                issuer=s.oidc_issuer,
+                token_url=s.oidc_token_url,
+                auth_method=s.oidc_auth_method,
             )
             stack.push_async_callback(idp.aclose)
         else:
@@ -85,19 +92,27 @@ class App:
             s.circuit_failures, s.circuit_open_seconds, on_change=lambda st: self.metrics.circuit_state(int(st))
         )
         self._refresher = refresher = Refresher(
-            store, idp,
+            store,
+            idp,
             RefreshSettings(
-                leeway=timedelta(seconds=s.refresh_leeway), lock_timeout=s.refresh_lock_timeout,
-                reauth_backoff=s.reauth_backoff, persist_retry_seconds=s.persist_retry_seconds,
-                store_timeout=s.request_timeout, max_concurrent=max(1, s.db_pool_max // 2),
+                leeway=timedelta(seconds=s.refresh_leeway),
+                lock_timeout=s.refresh_lock_timeout,
+                reauth_backoff=s.reauth_backoff,
+                persist_retry_seconds=s.persist_retry_seconds,
+                store_timeout=s.request_timeout,
+                max_concurrent=max(1, s.db_pool_max // 2),
             ),
-            circuit, observer=self.metrics,
+            circuit,
+            observer=self.metrics,
         )
         stack.push_async_callback(refresher.drain, s.persist_retry_seconds + 1)
         self.metrics.bind_unpersisted(lambda: refresher.unpersisted)
         tokens = TokenService(
-            store, refresher, leeway=timedelta(seconds=s.refresh_leeway),
-            refresh_ahead=timedelta(seconds=s.refresh_ahead), idp_configured=idp is not None,
+            store,
+            refresher,
+            leeway=timedelta(seconds=s.refresh_leeway),
+            refresh_ahead=timedelta(seconds=s.refresh_ahead),
+            idp_configured=idp is not None,
         )
 
         server = grpc.aio.server(
@@ -111,8 +126,11 @@ class App:
         pb_grpc.add_TokenBrokerServicer_to_server(TokenBrokerServicer(tokens, s.request_timeout), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.port = self._bind(server, gatekeeper)
@@ -133,8 +151,10 @@ class App:
 
         readiness = asyncio.create_task(self._watch_database(), name="readiness")
         stack.push_async_callback(_cancel, readiness)
-        log.info("token-broker serving", extra={"listen": s.listen, "port": self.port, "version": __version__,
-                                                "metrics": s.metrics_listen or None})
+        log.info(
+            "token-broker serving",
+            extra={"listen": s.listen, "port": self.port, "version": __version__, "metrics": s.metrics_listen or None},
+        )
 
     async def _gatekeeper(self, stack: AsyncExitStack) -> Gatekeeper | None:
         return None
@@ -146,7 +166,7 @@ class App:
                 f"refusing to listen on non-loopback address {s.listen} without caller authentication: set "
                 "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
             )
-        port = server.add_insecure_port(s.listen)
+        port = int(server.add_insecure_port(s.listen))
         if port == 0:
             raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}")
         return port

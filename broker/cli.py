@@ -27,22 +27,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"token-broker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT",
-                   description="Run the gRPC server (BROKER_LISTEN) and /metrics until SIGTERM or SIGINT.")
-    sub.add_parser("migrate", help="apply database migrations (BROKER_MIGRATE_DATABASE_URL)",
-                   description="Create the broker's schema, roles, grants and functions. Idempotent; safe to run "
-                               "concurrently. Uses BROKER_MIGRATE_DATABASE_URL (default BROKER_DATABASE_URL).")
-    get = sub.add_parser("get", help="call GetOIDCAccessToken and print the status and expiry",
-                         description="Call the running broker for USER_ID; prints status and expiry, and the token "
-                                     "only with --show-token.")
+    sub.add_parser(
+        "serve",
+        help="run the gRPC server until SIGTERM/SIGINT",
+        description="Run the gRPC server (BROKER_LISTEN) and /metrics until SIGTERM or SIGINT.",
+    )
+    sub.add_parser(
+        "migrate",
+        help="apply database migrations (BROKER_MIGRATE_DATABASE_URL)",
+        description="Create the broker's schema, roles, grants and functions. Idempotent; safe to run "
+        "concurrently. Uses BROKER_MIGRATE_DATABASE_URL (default BROKER_DATABASE_URL).",
+    )
+    get = sub.add_parser(
+        "get",
+        help="call GetOIDCAccessToken and print the status and expiry",
+        description="Call the running broker for USER_ID; prints status and expiry, and the token "
+        "only with --show-token.",
+    )
     get.add_argument("user_id", metavar="USER_ID", help="the user's UUID")
     get.add_argument("--target", default=None, help="HOST:PORT of the broker (default: BROKER_LISTEN)")
     get.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
     get.add_argument("--show-token", action="store_true", help="also print the access token")
-    sub.add_parser("dev", help="local run: embedded PostgreSQL under .data/ when BROKER_DATABASE_URL is unset, "
-                               "migrate, serve",
-                   description="For `make run`: with BROKER_DATABASE_URL unset, start an embedded PostgreSQL under "
-                               ".data/, migrate it, and serve; otherwise migrate and serve.")
+    sub.add_parser(
+        "dev",
+        help="local run: embedded PostgreSQL under .data/ when BROKER_DATABASE_URL is unset, migrate, serve",
+        description="For `make run`: with BROKER_DATABASE_URL unset, start an embedded PostgreSQL under "
+        ".data/, migrate it, and serve; otherwise migrate and serve.",
+    )
     return p
 
 
@@ -54,7 +65,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return asyncio.run(_get(args, env))
         settings = Settings.from_env(env)
         secrets = [s.reveal() for s in (settings.oidc_client_secret,) if s]
-        secrets += [p for s in (settings.database_url, settings.migrate_database_url) if s and (p := _password(s.reveal()))]
+        secrets += [
+            p for s in (settings.database_url, settings.migrate_database_url) if s and (p := _password(s.reveal()))
+        ]
         logs.configure(settings.log_level, redact=secrets)
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))

@@ -20,18 +20,22 @@ from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 2.0
 
-SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": "broker.v1.TokenBroker"}],
-        "retryPolicy": {
-            "maxAttempts": 4,
-            "initialBackoff": "0.05s",
-            "maxBackoff": "1s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }]
-})
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "broker.v1.TokenBroker"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.service_config", SERVICE_CONFIG),

@@ -194,7 +194,8 @@ class _Reader:
             self.errors.append(f"{name}: must be host:port, not {text!r}")
             return default
         host = host.strip("[]")
-        if host not in ("localhost", "0.0.0.0", "::", "*") and not _is_ip_or_name(host):
+        wildcard = ("localhost", "0.0.0.0", "::", "*")  # noqa: S104 - validating an address, not binding
+        if host not in wildcard and not _is_ip_or_name(host):
             self.errors.append(f"{name}: bad host {host!r}")
         return text
 

@@ -39,8 +39,12 @@ class EmbeddedPostgres:
 
     def _run(self, *args: str, timeout: float = 60) -> None:
         subprocess.run(
-            [str(self.bin / args[0]), *args[1:]], check=True, timeout=timeout, user=self.os_user,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [str(self.bin / args[0]), *args[1:]],
+            check=True,
+            timeout=timeout,
+            user=self.os_user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
 
     def start(self) -> EmbeddedPostgres:
@@ -55,8 +59,17 @@ class EmbeddedPostgres:
         if self.running():
             self.stop()
         self._run(
-            "pg_ctl", "-D", str(self.datadir), "-w", "-t", "60", "-l", str(self.datadir / "server.log"),
-            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.datadir} -c max_connections=300", "start",
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.datadir / "server.log"),
+            "-o",
+            f"-h 127.0.0.1 -p {self.port} -k {self.datadir} -c max_connections=300",
+            "start",
         )
         return self
 

@@ -43,7 +43,7 @@ class Gatekeeper:
     """Decides whether a caller may call the token service; implemented in broker.auth."""
 
     async def admit(
-        self, context: grpc.aio.ServicerContext, metadata: tuple[tuple[str, Any], ...]
+        self, context: grpc.aio.ServicerContext[Any, Any], metadata: tuple[tuple[str, Any], ...]
     ) -> tuple[str | None, Callable[[], None]]:
         """Return (caller identity, release callback) or abort the RPC."""
         return None, _noop
@@ -53,7 +53,7 @@ def _noop() -> None:
     pass
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped (Any)
     def __init__(self, metrics: Metrics, protected_service: str, gatekeeper: Gatekeeper | None = None) -> None:
         self._metrics = metrics
         self._protected = protected_service
@@ -61,9 +61,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -74,7 +74,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         m = self._metrics
         gate = self._gate
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             record = CallRecord()
             token = current_call.set(record)
@@ -115,7 +115,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         protected: bool,
         code: grpc.StatusCode,
         elapsed: float,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         record: CallRecord,
     ) -> None:
         fields: dict[str, Any] = {

@@ -52,26 +52,34 @@ class Metrics:
         for result in REFRESH_RESULTS:
             self.refreshes.labels(result=result)
         self.refresh_duration = Histogram(
-            "token_broker_refresh_duration_seconds", "IdP round trip of a refresh grant.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "token_broker_refresh_duration_seconds",
+            "IdP round trip of a refresh grant.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.lock_wait = Histogram(
-            "token_broker_refresh_lock_wait_seconds", "Wait for the per-link refresh lock in PostgreSQL.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "token_broker_refresh_lock_wait_seconds",
+            "Wait for the per-link refresh lock in PostgreSQL.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.refresh_inflight = Gauge(
             "token_broker_refresh_inflight", "Refreshes running in this process.", registry=registry
         )
         self.persist_failures = Counter(
             "token_broker_refresh_persist_failures",
-            "Refreshed tokens whose write-back still failed after retrying (kept in memory).", registry=registry,
+            "Refreshed tokens whose write-back still failed after retrying (kept in memory).",
+            registry=registry,
         )
         self.token_remaining = Histogram(
-            "token_broker_token_remaining_seconds", "Lifetime left on tokens served (tokens with an expiry).",
-            buckets=_REMAINING_BUCKETS, registry=registry,
+            "token_broker_token_remaining_seconds",
+            "Lifetime left on tokens served (tokens with an expiry).",
+            buckets=_REMAINING_BUCKETS,
+            registry=registry,
         )
         self.circuit = Gauge(
-            "token_broker_idp_circuit_state", "IdP circuit breaker: 0 closed, 1 open, 2 half-open.",
+            "token_broker_idp_circuit_state",
+            "IdP circuit breaker: 0 closed, 1 open, 2 half-open.",
             registry=registry,
         )
         self.db_pool_size = Gauge("token_broker_db_pool_connections", "Connections in the pool.", registry=registry)
@@ -79,18 +87,24 @@ class Metrics:
             "token_broker_db_pool_connections_in_use", "Pool connections in use.", registry=registry
         )
         self.unpersisted = Gauge(
-            "token_broker_refresh_unpersisted", "Refreshed tokens held in memory awaiting write-back.",
+            "token_broker_refresh_unpersisted",
+            "Refreshed tokens held in memory awaiting write-back.",
             registry=registry,
         )
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
         self.grpc_handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, regardless of success or failure.",
-            [*labels, "grpc_code"], registry=registry,
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=registry,
         )
         self.grpc_seconds = Histogram(
-            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server.", labels,
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
 
     def bind_pool(self, stats: Callable[[], tuple[int, int]]) -> None:

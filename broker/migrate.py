@@ -76,7 +76,7 @@ async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> Migr
                     "INSERT INTO token_broker.schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
                 applied.append(name)
-            for name, sql in repeatable:
+            for _name, sql in repeatable:
                 await conn.execute(sql)
         return MigrationReport(applied=applied, already_applied=len(done))
     finally:

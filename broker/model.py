@@ -85,7 +85,7 @@ class TokenResult:
     """The answer to one token request. `access_token` is empty for every status but VALID and REFRESHED."""
 
     status: TokenStatus
-    access_token: Secret = Secret("")
+    access_token: Secret = Secret("")  # noqa: RUF009 - Secret is immutable
     expiry: datetime | None = None
     refreshed: bool = False  # this request caused or joined a refresh at the IdP
 

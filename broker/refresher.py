@@ -12,6 +12,7 @@ Guarantees, in order of importance:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -131,7 +132,7 @@ class Refresher:
             task = asyncio.create_task(self._run(link), name=f"refresh:{link.user_id}")
             self._flights[link.user_id] = task
             self._obs.inflight(+1)
-            task.add_done_callback(lambda t, uid=link.user_id: self._landed(uid, t))
+            task.add_done_callback(functools.partial(self._landed, link.user_id))
         return task
 
     def _landed(self, user_id: UUID, task: asyncio.Task[TokenResult]) -> None:
@@ -247,8 +248,9 @@ class Refresher:
             raise
         except IdpRejected as exc:
             self._circuit.record_success()  # the IdP is up; it said no
-            self._obs.refresh_finished("rejected" if exc.error != "invalid_grant" else "invalid_grant",
-                                       time.monotonic() - started)
+            self._obs.refresh_finished(
+                "rejected" if exc.error != "invalid_grant" else "invalid_grant", time.monotonic() - started
+            )
             raise
         self._circuit.record_success()
         self._obs.refresh_finished("success", time.monotonic() - started)

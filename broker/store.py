@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 from uuid import UUID
 
@@ -59,8 +59,11 @@ def _link(user_id: UUID, row: asyncpg.Record | None) -> Link | None:
     )
 
 
+PoolConnection = asyncpg.pool.PoolConnectionProxy  # what Pool.acquire() hands out
+
+
 class _Locked:
-    def __init__(self, conn: asyncpg.Connection, user_id: UUID, link: Link | None, timeout: float) -> None:
+    def __init__(self, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float) -> None:
         self._conn = conn
         self._user_id = user_id
         self.link = link
@@ -71,7 +74,8 @@ class _Locked:
         try:
             return bool(
                 await self._conn.fetchval(
-                    STORE_REFRESHED, *_store_args(self._user_id, self.link.refresh_token, tokens),
+                    STORE_REFRESHED,
+                    *_store_args(self._user_id, self.link.refresh_token, tokens),
                     timeout=self._timeout,
                 )
             )
@@ -99,7 +103,10 @@ class PostgresStore:
     async def create_pool(dsn: str, *, min_size: int, max_size: int, connect_timeout: float) -> asyncpg.Pool:
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout,
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
                 server_settings={"application_name": "token-broker"},
             )
         except _DB_ERRORS as exc:
@@ -171,13 +178,11 @@ class PostgresStore:
 
 
 async def _rollback_quietly(tx: asyncpg.transaction.Transaction) -> None:
-    try:
+    with suppress(*_DB_ERRORS):
         await tx.rollback()
-    except _DB_ERRORS:
-        pass
 
 
-async def _release_quietly(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def _release_quietly(pool: asyncpg.Pool, conn: PoolConnection) -> None:
     try:
         await pool.release(conn, timeout=5)
     except _DB_ERRORS:

@@ -50,8 +50,9 @@ class TokenService:
         if link.account is AccountState.DISABLED:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
         if link.encrypted:
-            log.error("link tokens are encrypted (dbcrypt); the broker cannot decrypt them",
-                      extra={"user_id": str(user_id)})
+            log.error(
+                "link tokens are encrypted (dbcrypt); the broker cannot decrypt them", extra={"user_id": str(user_id)}
+            )
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
 
         decision = decide(link, self._clock(), self._leeway, self._ahead)

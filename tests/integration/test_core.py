@@ -61,18 +61,25 @@ async def test_expired_token_is_refreshed_rotated_and_persisted(db: Database, id
         r = await b.get(uid)
         again = await b.get(uid)
     assert r.status == pb.TOKEN_STATUS_REFRESHED
-    assert r.access_token and r.access_token != issued.access_token
+    assert r.access_token
+    assert r.access_token != issued.access_token
     assert idp.stats()["refresh_success"] == before + 1
     row = await db.link(uid)
     assert row is not None
     assert row["oauth_access_token"] == r.access_token
     assert row["oauth_refresh_token"] not in ("", issued.refresh_token)  # rotated token persisted
     assert abs(row["oauth_expiry"] - (now() + timedelta(seconds=issued.expires_in))) < timedelta(seconds=30)
-    assert r.expires_at.ToDatetime(tzinfo=UTC) == row["oauth_expiry"].replace(microsecond=row["oauth_expiry"].microsecond)
+    assert r.expires_at.ToDatetime(tzinfo=UTC) == row["oauth_expiry"].replace(
+        microsecond=row["oauth_expiry"].microsecond
+    )
     assert (again.status, again.access_token) == (pb.TOKEN_STATUS_VALID, r.access_token)
     # The IdP now rejects the old refresh token (and, with reuse detection, revokes the grant).
-    resp = httpx2.post(idp.token_url, data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-                       auth=(CLIENT_ID, CLIENT_SECRET), timeout=5)
+    resp = httpx2.post(
+        idp.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
+        auth=(CLIENT_ID, CLIENT_SECRET),
+        timeout=5,
+    )
     assert resp.status_code == 400
     assert resp.json()["error"] == "invalid_grant"
 
@@ -85,7 +92,9 @@ async def test_expired_token_is_refreshed_rotated_and_persisted(db: Database, id
         (timedelta(minutes=30), 600, False),  # outside the window
     ],
 )
-async def test_refresh_window(db: Database, idp: OidcTestProvider, expires_in: timedelta, leeway: int, refreshed: bool) -> None:
+async def test_refresh_window(
+    db: Database, idp: OidcTestProvider, expires_in: timedelta, leeway: int, refreshed: bool
+) -> None:
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
     await db.insert_link(uid, issued.access_token, issued.refresh_token, now() + expires_in)
@@ -136,8 +145,12 @@ async def test_revoked_grant_is_reauth_required_and_row_untouched(db: Database, 
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
     # Someone else uses the refresh token first: rotation makes the stored one dead.
-    httpx2.post(idp.token_url, data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-                auth=(CLIENT_ID, CLIENT_SECRET), timeout=5).raise_for_status()
+    httpx2.post(
+        idp.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
+        auth=(CLIENT_ID, CLIENT_SECRET),
+        timeout=5,
+    ).raise_for_status()
     await db.insert_link(uid, issued.access_token, issued.refresh_token, now() - timedelta(minutes=1))
     before = await db.link(uid)
     async with running_broker(broker_env(db, idp)) as b:
@@ -158,8 +171,12 @@ async def test_unreachable_idp_is_idp_unavailable_within_the_timeout(db: Databas
     uid = uuid.uuid4()
     await db.insert_link(uid, "a-old", "r-old", now() - timedelta(minutes=1))
     env = broker_env(
-        db, None, BROKER_OIDC_TOKEN_URL=f"http://127.0.0.1:{free_port()}/token", BROKER_OIDC_CLIENT_ID="c",
-        BROKER_OIDC_CLIENT_SECRET="s", BROKER_OIDC_TIMEOUT="1",
+        db,
+        None,
+        BROKER_OIDC_TOKEN_URL=f"http://127.0.0.1:{free_port()}/token",
+        BROKER_OIDC_CLIENT_ID="c",
+        BROKER_OIDC_CLIENT_SECRET="s",
+        BROKER_OIDC_TIMEOUT="1",
     )
     async with running_broker(env) as b:
         started = time.monotonic()
@@ -207,8 +224,17 @@ async def test_database_down_is_store_unavailable(db: Database) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "not-a-uuid", "1234", "{11111111-1111-1111-1111-111111111111}", "11111111111111111111111111111111",
-            "11111111-1111-1111-1111-11111111111g", "x" * 1000, "11111111-1111-1111-1111-111111111111\n"],
+    "bad",
+    [
+        "",
+        "not-a-uuid",
+        "1234",
+        "{11111111-1111-1111-1111-111111111111}",
+        "11111111111111111111111111111111",
+        "11111111-1111-1111-1111-11111111111g",
+        "x" * 1000,
+        "11111111-1111-1111-1111-111111111111\n",
+    ],
 )
 async def test_malformed_user_id_is_invalid_argument(db: Database, bad: str) -> None:
     async with running_broker(broker_env(db)) as b:

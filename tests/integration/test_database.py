@@ -80,9 +80,7 @@ async def test_the_product_schema_fixture_matches_shared_reference() -> None:
     assert (FIXTURES / "product-schema.sql").read_text() == shared.read_text()
 
 
-async def test_refresh_on_the_products_database_passes_its_trigger(
-    product_db: Database, idp: OidcTestProvider
-) -> None:
+async def test_refresh_on_the_products_database_passes_its_trigger(product_db: Database, idp: OidcTestProvider) -> None:
     uid = uuid.uuid4()
     await product_db.execute("INSERT INTO users (id, email, username) VALUES ($1, 'a@example.com', 'a')", uid)
     issued = await idp.login(f"user-{uid}")
@@ -91,7 +89,8 @@ async def test_refresh_on_the_products_database_passes_its_trigger(
         r = await b.get(uid)
     assert r.status == pb.TOKEN_STATUS_REFRESHED
     row = await product_db.link(uid)
-    assert row is not None and row["oauth_access_token"] == r.access_token
+    assert row is not None
+    assert row["oauth_access_token"] == r.access_token
 
 
 # -- the privilege matrix -----------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ async def test_300_concurrent_callers_share_one_refresh(db: Database, idp: OidcT
     assert d["refresh_success"] == 1
     assert d["invalid_grant"] == 0
     tokens = {a.access_token for a in answers}
-    assert len(tokens) == 1 and old not in tokens and "" not in tokens
+    assert len(tokens) == 1
+    assert old not in tokens
+    assert "" not in tokens
     assert {a.status for a in answers} <= {pb.TOKEN_STATUS_REFRESHED, pb.TOKEN_STATUS_VALID}
     print(f"\n300 callers, one expired user: {wall * 1000:.0f} ms wall, {d['refresh_success']} refresh grant")
 
@@ -75,7 +77,9 @@ async def test_two_broker_processes_share_one_refresh(db: Database, idp: OidcTes
     assert d["grants_revoked"] == 0
     per_replica = [{a.access_token for a in answers[:150]}, {a.access_token for a in answers[150:]}]
     assert per_replica[0] == per_replica[1]
-    assert len(per_replica[0]) == 1 and old not in per_replica[0] and "" not in per_replica[0]
+    assert len(per_replica[0]) == 1
+    assert old not in per_replica[0]
+    assert "" not in per_replica[0]
     assert codes == [0, 0]  # SIGTERM is a clean shutdown
 
 
@@ -116,7 +120,8 @@ async def test_cancelled_caller_does_not_cancel_the_refresh(db: Database, idp: O
         await asyncio.sleep(1.5)
         idp.set_fault("ok")
         row = await db.link(uid)
-        assert row is not None and row["oauth_access_token"] != old
+        assert row is not None
+        assert row["oauth_access_token"] != old
         assert delta(before, idp.stats())["refresh_success"] == 1
         # The persisted rotated refresh token works for the next refresh.
         await db.execute("UPDATE user_links SET oauth_expiry = now() - interval '1 minute' WHERE user_id = $1", uid)
@@ -127,7 +132,7 @@ async def test_cancelled_caller_does_not_cancel_the_refresh(db: Database, idp: O
 
 
 async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcTestProvider) -> None:
-    uid, old = await expired_user(db, idp)
+    uid, _old = await expired_user(db, idp)
     async with running_broker(broker_env(db, idp)) as b:
         await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
         idp.set_fault("ok", delay_ms=700)
@@ -137,7 +142,8 @@ async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcT
         admin = await db.admin()
         killed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND"
-            " application_name = 'token-broker' AND state = 'idle in transaction'", db.name,
+            " application_name = 'token-broker' AND state = 'idle in transaction'",
+            db.name,
         )
         await admin.close()
         assert killed == 1
@@ -149,7 +155,8 @@ async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcT
             if row is not None and row["oauth_access_token"] == r.access_token:
                 break
             await asyncio.sleep(0.1)
-        assert row is not None and row["oauth_access_token"] == r.access_token
+        assert row is not None
+        assert row["oauth_access_token"] == r.access_token
         await db.execute("UPDATE user_links SET oauth_expiry = now() - interval '1 minute' WHERE user_id = $1", uid)
         again = await b.get(uid)
     assert again.status == pb.TOKEN_STATUS_REFRESHED
@@ -179,11 +186,12 @@ async def test_write_back_is_retried_while_the_database_is_unreachable(db: Datab
             if row is not None and row["oauth_access_token"] == r.access_token:
                 break
             await asyncio.sleep(0.1)
-    assert row is not None and row["oauth_access_token"] == r.access_token
+    assert row is not None
+    assert row["oauth_access_token"] == r.access_token
 
 
 async def test_idp_slower_than_the_lock_wait_starts_no_second_refresh(db: Database, idp: OidcTestProvider) -> None:
-    uid, old = await expired_user(db, idp)
+    uid, _old = await expired_user(db, idp)
     env = broker_env(db, idp, BROKER_REFRESH_LOCK_TIMEOUT="0.5", BROKER_OIDC_TIMEOUT="5")
     async with running_broker(env) as a, running_broker(env) as b:  # two replicas: separate pools and refreshers
         for r in (a, b):
@@ -229,8 +237,12 @@ async def test_invalid_grant_is_remembered_for_the_backoff(db: Database, idp: Oi
 
     from tests.support.idp import CLIENT_ID, CLIENT_SECRET
 
-    httpx2.post(idp.token_url, data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-                auth=(CLIENT_ID, CLIENT_SECRET), timeout=5).raise_for_status()  # rotate: the stored one is dead
+    httpx2.post(
+        idp.token_url,
+        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
+        auth=(CLIENT_ID, CLIENT_SECRET),
+        timeout=5,
+    ).raise_for_status()  # rotate: the stored one is dead
     await db.insert_link(uid, issued.access_token, issued.refresh_token, past())
     row_before = await db.link(uid)
     before = idp.stats()
@@ -244,9 +256,7 @@ async def test_invalid_grant_is_remembered_for_the_backoff(db: Database, idp: Oi
     assert await db.link(uid) == row_before  # nothing deleted, nothing changed
 
 
-async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(
-    db: Database, idp: OidcTestProvider
-) -> None:
+async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(db: Database, idp: OidcTestProvider) -> None:
     """The row's refresh token changed between the read and the IdP's rejection: the new state wins."""
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
@@ -261,8 +271,11 @@ async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(
                 await db.execute(
                     "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3,"
                     " oauth_expiry = now() + interval '1 hour' WHERE user_id = $1",
-                    uid, issued.access_token, issued.refresh_token,
+                    uid,
+                    issued.access_token,
+                    issued.refresh_token,
                 )
+
             return _AfterExit(original(user_id, lock_timeout=lock_timeout), rotate)
 
         store.lock_link = swap_then_lock  # type: ignore[method-assign]
@@ -287,8 +300,7 @@ class _AfterExit:
 
 async def test_idp_outage_opens_the_circuit_and_recovers(db: Database, idp: OidcTestProvider) -> None:
     users = [await expired_user(db, idp) for _ in range(5)]
-    env = broker_env(db, idp, BROKER_OIDC_TIMEOUT="0.4", BROKER_CIRCUIT_FAILURES="3",
-                     BROKER_CIRCUIT_OPEN_SECONDS="1.5")
+    env = broker_env(db, idp, BROKER_OIDC_TIMEOUT="0.4", BROKER_CIRCUIT_FAILURES="3", BROKER_CIRCUIT_OPEN_SECONDS="1.5")
     async with running_broker(env) as b:
         await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
         idp.set_fault("ok", delay_ms=5000)  # hangs: each call waits out the IdP timeout

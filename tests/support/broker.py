@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-import httpx2
 from broker.app import App
 from broker.config import Settings
 from broker.devdb import free_port

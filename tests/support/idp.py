@@ -30,11 +30,20 @@ class OidcTestProvider:
     """One oidc-provider process on 127.0.0.1 with rotation on; stats come from its own event hooks."""
 
     def __init__(self, access_ttl: int = 3600) -> None:
-        env = dict(os.environ, IDP_CLIENT_ID=CLIENT_ID, IDP_CLIENT_SECRET=CLIENT_SECRET,
-                   IDP_ACCESS_TOKEN_TTL=str(access_ttl), NODE_NO_WARNINGS="1")
+        env = dict(
+            os.environ,
+            IDP_CLIENT_ID=CLIENT_ID,
+            IDP_CLIENT_SECRET=CLIENT_SECRET,
+            IDP_ACCESS_TOKEN_TTL=str(access_ttl),
+            NODE_NO_WARNINGS="1",
+        )
         self.proc = subprocess.Popen(
-            ["node", str(IDP_DIR / "idp.mjs")], cwd=IDP_DIR, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            ["node", str(IDP_DIR / "idp.mjs")],
+            cwd=IDP_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -66,8 +75,12 @@ class OidcTestProvider:
         """Drive the authorization-code flow headlessly: devInteractions login form, then consent."""
         async with httpx2.AsyncClient(base_url=self.issuer, timeout=10, follow_redirects=False) as http:
             params = {
-                "client_id": CLIENT_ID, "response_type": "code", "redirect_uri": REDIRECT_URI,
-                "scope": "openid offline_access", "prompt": "consent", "state": "s",
+                "client_id": CLIENT_ID,
+                "response_type": "code",
+                "redirect_uri": REDIRECT_URI,
+                "scope": "openid offline_access",
+                "prompt": "consent",
+                "state": "s",
             }
             r = await http.get("/auth", params=params)
             code = None
@@ -81,14 +94,16 @@ class OidcTestProvider:
                     continue
                 action = re.search(r'action="([^"]+)"', r.text)
                 prompt = re.search(r'name="prompt" value="([^"]+)"', r.text)
-                assert action and prompt, r.text[:500]
+                assert action, r.text[:500]
+                assert prompt, r.text[:500]
                 form: dict[str, Any] = {"prompt": prompt.group(1)}
                 if prompt.group(1) == "login":
                     form.update(login=subject, password="x")
                 r = await http.post(action.group(1), data=form)
             assert code, "authorization code not issued"
             r = await http.post(
-                "/token", data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI},
+                "/token",
+                data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI},
                 auth=(CLIENT_ID, CLIENT_SECRET),
             )
             r.raise_for_status()

@@ -96,7 +96,11 @@ class Database:
         await self.execute(
             "INSERT INTO user_links (user_id, login_type, oauth_access_token, oauth_refresh_token, oauth_expiry)"
             " VALUES ($1, $2, $3, $4, COALESCE($5, '0001-01-01 00:00:00+00'::timestamptz))",
-            user_id, login_type, access, refresh, expiry,
+            user_id,
+            login_type,
+            access,
+            refresh,
+            expiry,
         )
 
     async def set_reachable(self, reachable: bool) -> None:
@@ -112,9 +116,7 @@ class Database:
             await conn.close()
 
     async def link(self, user_id: uuid.UUID) -> asyncpg.Record | None:
-        return await self.fetchrow(
-            "SELECT * FROM user_links WHERE user_id = $1 AND login_type = 'oidc'", user_id
-        )
+        return await self.fetchrow("SELECT * FROM user_links WHERE user_id = $1 AND login_type = 'oidc'", user_id)
 
 
 class DatabaseFactory:

@@ -39,8 +39,16 @@ def test_every_bad_variable_is_named_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         Settings.from_env(env)
     msg = str(err.value)
-    for name in ("BROKER_REFRESH_LEEWAY", "BROKER_OIDC_TIMEOUT", "BROKER_LISTEN", "BROKER_LOG_LEVEL",
-                 "BROKER_DB_POOL_MAX", "BROKER_OIDC_ISSUER", "BROKER_OIDC_CLIENT_ID", "BROKER_ALLOW_INSECURE"):
+    for name in (
+        "BROKER_REFRESH_LEEWAY",
+        "BROKER_OIDC_TIMEOUT",
+        "BROKER_LISTEN",
+        "BROKER_LOG_LEVEL",
+        "BROKER_DB_POOL_MAX",
+        "BROKER_OIDC_ISSUER",
+        "BROKER_OIDC_CLIENT_ID",
+        "BROKER_ALLOW_INSECURE",
+    ):
         assert name in msg
 
 
@@ -50,8 +58,14 @@ def test_secrets_never_appear_in_errors_or_repr() -> None:
         Settings.from_env(env)
     assert "hunter2" not in str(err.value)
     assert "s3cr3t-value" not in str(err.value)
-    s = Settings.from_env({**BASE, "BROKER_OIDC_CLIENT_SECRET": "s3cr3t-value", "BROKER_OIDC_CLIENT_ID": "c",
-                           "BROKER_OIDC_TOKEN_URL": "https://idp.example.com/token"})
+    s = Settings.from_env(
+        {
+            **BASE,
+            "BROKER_OIDC_CLIENT_SECRET": "s3cr3t-value",
+            "BROKER_OIDC_CLIENT_ID": "c",
+            "BROKER_OIDC_TOKEN_URL": "https://idp.example.com/token",
+        }
+    )
     assert "s3cr3t-value" not in repr(s)
     assert "pw@" not in repr(s)
 
@@ -59,32 +73,44 @@ def test_secrets_never_appear_in_errors_or_repr() -> None:
 def test_secrets_from_files(tmp_path: Path) -> None:
     (tmp_path / "dsn").write_text("postgresql://svc:pw@db/app\n")
     (tmp_path / "secret").write_text("from-file\n")
-    s = Settings.from_env({
-        "BROKER_DATABASE_URL_FILE": str(tmp_path / "dsn"),
-        "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
-        "BROKER_OIDC_CLIENT_ID": "c",
-        "BROKER_OIDC_ISSUER": "https://idp.example.com",
-    })
-    assert s.database_url is not None and s.database_url.reveal() == "postgresql://svc:pw@db/app"
-    assert s.oidc_client_secret is not None and s.oidc_client_secret.reveal() == "from-file"
+    s = Settings.from_env(
+        {
+            "BROKER_DATABASE_URL_FILE": str(tmp_path / "dsn"),
+            "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
+            "BROKER_OIDC_CLIENT_ID": "c",
+            "BROKER_OIDC_ISSUER": "https://idp.example.com",
+        }
+    )
+    assert s.database_url is not None
+    assert s.database_url.reveal() == "postgresql://svc:pw@db/app"
+    assert s.oidc_client_secret is not None
+    assert s.oidc_client_secret.reveal() == "from-file"
     assert s.idp_configured
 
 
 def test_missing_secret_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BROKER_OIDC_CLIENT_SECRET_FILE"):
-        Settings.from_env({**BASE, "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "missing"),
-                           "BROKER_OIDC_CLIENT_ID": "c", "BROKER_OIDC_ISSUER": "https://idp.example.com"})
+        Settings.from_env(
+            {
+                **BASE,
+                "BROKER_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "missing"),
+                "BROKER_OIDC_CLIENT_ID": "c",
+                "BROKER_OIDC_ISSUER": "https://idp.example.com",
+            }
+        )
 
 
 @pytest.mark.parametrize("issuer", ["http://127.0.0.1:8080", "http://localhost:9000", "http://[::1]:9000"])
 def test_plain_http_issuer_is_allowed_on_loopback(issuer: str) -> None:
-    s = Settings.from_env({**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c",
-                           "BROKER_OIDC_CLIENT_SECRET": "s"})
+    s = Settings.from_env(
+        {**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c", "BROKER_OIDC_CLIENT_SECRET": "s"}
+    )
     assert s.oidc_issuer == issuer
 
 
 @pytest.mark.parametrize("issuer", ["http://10.0.0.5", "http://idp.internal", "ftp://127.0.0.1", "idp.example.com"])
 def test_plain_http_issuer_is_refused_elsewhere(issuer: str) -> None:
     with pytest.raises(ConfigError, match="BROKER_OIDC_ISSUER"):
-        Settings.from_env({**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c",
-                           "BROKER_OIDC_CLIENT_SECRET": "s"})
+        Settings.from_env(
+            {**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c", "BROKER_OIDC_CLIENT_SECRET": "s"}
+        )
