@@ -108,7 +108,8 @@ async def test_sigterm_drains_in_flight_calls_then_exits_cleanly(
     assert proc.proc.wait(timeout=15) == 0
     proc.stop()
     row = await db.link(uid)
-    assert row is not None and row["oauth_access_token"] == r.access_token
+    assert row is not None
+    assert row["oauth_access_token"] == r.access_token
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
