@@ -86,12 +86,13 @@ async def running_broker(env: Mapping[str, str]) -> AsyncIterator[RunningBroker]
 class BrokerProcess:
     """`python -m broker serve` as a separate OS process (a replica)."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False) -> None:
         self.port = free_port()
+        self.metrics_port = free_port() if metrics else 0
         full = dict(os.environ)
         full.update(env)
         full["BROKER_LISTEN"] = f"127.0.0.1:{self.port}"
-        full["BROKER_METRICS_LISTEN"] = ""
+        full["BROKER_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port}" if metrics else ""
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
