@@ -1,0 +1,37 @@
+"""A chat worker calling an upstream MCP server on behalf of a user, with the user's OIDC token from the broker.
+
+    python examples/chat_worker.py --broker 127.0.0.1:50051 --upstream http://127.0.0.1:8080/mcp USER_ID
+
+The rule of the original feature: with a token, send `Authorization: Bearer <token>`; without one (password login,
+expired, IdP down...), send the request without the header and let the upstream answer 401.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import httpx2
+
+from broker.client import TokenBrokerClient
+
+
+async def call_mcp(broker: TokenBrokerClient, http: httpx2.AsyncClient, upstream: str, user_id: str) -> int:
+    """One upstream request for `user_id`; returns the upstream's HTTP status."""
+    headers = await broker.bearer_headers(user_id)
+    response = await http.post(upstream, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers)
+    return response.status_code
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("user_id")
+    parser.add_argument("--broker", default="127.0.0.1:50051")
+    parser.add_argument("--upstream", required=True)
+    args = parser.parse_args()
+    async with TokenBrokerClient(args.broker) as broker, httpx2.AsyncClient(timeout=10) as http:
+        print(await call_mcp(broker, http, args.upstream, args.user_id))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
