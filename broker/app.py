@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from broker import __version__
+from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.errors import ConfigError
@@ -25,6 +26,7 @@ from broker.metrics import Metrics
 from broker.refresher import Refresher, RefreshSettings
 from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.store import PostgresStore
+from broker.tls import ReloadingCertificates
 from broker.tokens import TokenService
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
@@ -46,6 +48,8 @@ class App:
         self.metrics = Metrics(self.registry)
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self.certificates: ReloadingCertificates | None = None
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -136,6 +140,8 @@ class App:
         self.port = self._bind(server, gatekeeper)
         await server.start()
         self._server = server
+        if s.health_listen:
+            await self._start_health_port()
 
         if s.metrics_listen:
             host, _, port = s.metrics_listen.rpartition(":")
@@ -156,20 +162,51 @@ class App:
             extra={"listen": s.listen, "port": self.port, "version": __version__, "metrics": s.metrics_listen or None},
         )
 
-    async def _gatekeeper(self, stack: AsyncExitStack) -> Gatekeeper | None:
-        return None
+    async def _gatekeeper(self, stack: AsyncExitStack) -> Gatekeeper:
+        s = self.settings
+        tokens = None
+        if s.caller_tokens_file is not None:
+            load_caller_tokens(s.caller_tokens_file)  # fail fast on a malformed file
+            tokens = CallerTokens(s.caller_tokens_file)
+        return CallerGate(
+            require_identity=s.authenticates_callers,
+            allowed=s.allowed_callers,
+            tokens=tokens,
+            max_concurrent=s.max_concurrent_per_caller,
+        )
 
-    def _bind(self, server: grpc.aio.Server, gatekeeper: Gatekeeper | None) -> int:
+    def _bind(self, server: grpc.aio.Server, gatekeeper: Gatekeeper) -> int:
         s = self.settings
         if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
             raise ConfigError(
                 f"refusing to listen on non-loopback address {s.listen} without caller authentication: set "
                 "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
             )
-        port = int(server.add_insecure_port(s.listen))
+        try:
+            if s.tls_enabled:
+                assert s.tls_cert_file is not None
+                assert s.tls_key_file is not None
+                self.certificates = ReloadingCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+                port = int(server.add_secure_port(s.listen, self.certificates.server_credentials()))
+            else:
+                port = int(server.add_insecure_port(s.listen))
+        except RuntimeError as exc:
+            raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}: {exc}") from None
         if port == 0:
             raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}")
         return port
+
+    async def _start_health_port(self) -> None:
+        """A plaintext port with only the health service, for kubelet probes when the main port needs TLS."""
+        s = self.settings
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            self.health_port = int(server.add_insecure_port(s.health_listen))
+        except RuntimeError as exc:
+            raise ConfigError(f"BROKER_HEALTH_LISTEN: cannot bind {s.health_listen}: {exc}") from None
+        await server.start()
+        self._stack.push_async_callback(server.stop, 0)
 
     async def _watch_database(self) -> None:
         """Readiness: the token service is SERVING only while the database answers; checked periodically."""

@@ -92,6 +92,9 @@ class Settings:
     """BROKER_MAX_CONCURRENT_PER_CALLER: in-flight RPCs per caller identity before RESOURCE_EXHAUSTED."""
     max_request_bytes: int = 4096
     """BROKER_MAX_REQUEST_BYTES: the largest request message accepted."""
+    health_listen: str = ""
+    """BROKER_HEALTH_LISTEN: optional plaintext host:port serving only grpc.health.v1, for kubelet gRPC probes when
+    the main port requires (mutual) TLS."""
 
     @property
     def idp_configured(self) -> bool:
@@ -105,6 +108,10 @@ class Settings:
     @property
     def authenticates_callers(self) -> bool:
         return self.tls_client_ca_file is not None or self.caller_tokens_file is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     @staticmethod
     def from_env(environ: Mapping[str, str]) -> Settings:
@@ -234,6 +241,8 @@ class _Reader:
         if client_ca is not None and cert is None:
             self.errors.append("BROKER_TLS_CLIENT_CA_FILE: requires BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE")
         callers = frozenset(c.strip() for c in (self.raw("BROKER_ALLOWED_CALLERS") or "").split(",") if c.strip())
+        if client_ca is not None and not callers:
+            self.errors.append("BROKER_ALLOWED_CALLERS: required with BROKER_TLS_CLIENT_CA_FILE (which SANs may call)")
         s = Settings(
             database_url=database_url,
             migrate_database_url=migrate_url,
@@ -268,6 +277,7 @@ class _Reader:
             allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", False),
             max_concurrent_per_caller=self.integer("BROKER_MAX_CONCURRENT_PER_CALLER", 64, 1, 100_000),
             max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", 4096, 64, 1 << 20),
+            health_listen=self.address("BROKER_HEALTH_LISTEN", "", allow_empty=True),
         )
         if self.errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
