@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--target", default=None, help="HOST:PORT of the broker (default: BROKER_LISTEN)")
     get.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
     get.add_argument("--show-token", action="store_true", help="also print the access token")
+    health = sub.add_parser(
+        "health",
+        help="check a broker's gRPC health (exit 0 when SERVING)",
+        description="Call grpc.health.v1.Health/Check; exit 0 when SERVING, 1 otherwise. For container health "
+        "checks and `helm test`.",
+    )
+    health.add_argument("--target", default=None, help="HOST:PORT (default: BROKER_LISTEN)")
+    health.add_argument("--service", default="broker.v1.TokenBroker", help='service name; "" for liveness')
+    health.add_argument("--timeout", type=float, default=3.0)
     sub.add_parser(
         "dev",
         help="local run: embedded PostgreSQL under .data/ when BROKER_DATABASE_URL is unset, migrate, serve",
@@ -63,6 +72,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "get":
             return asyncio.run(_get(args, env))
+        if args.command == "health":
+            return _health(args, env)
         settings = Settings.from_env(env)
         secrets = [s.reveal() for s in (settings.oidc_client_secret,) if s]
         secrets += [
@@ -117,6 +128,23 @@ async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.show_token:
         print(f"access_token: {token.access_token}")
     return 0
+
+
+def _health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or env.get("BROKER_LISTEN") or "127.0.0.1:50051"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"token-broker: health check failed: {exc.code().name}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _dev(env: dict[str, str]) -> int:

