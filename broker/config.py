@@ -88,7 +88,7 @@ class Settings:
     """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
     allow_insecure: bool = False
     """BROKER_ALLOW_INSECURE: allow a non-loopback listen address without TLS or caller tokens."""
-    max_concurrent_per_caller: int = 64
+    max_concurrent_per_caller: int = 1024
     """BROKER_MAX_CONCURRENT_PER_CALLER: in-flight RPCs per caller identity before RESOURCE_EXHAUSTED."""
     max_request_bytes: int = 4096
     """BROKER_MAX_REQUEST_BYTES: the largest request message accepted."""
@@ -275,7 +275,7 @@ class _Reader:
             allowed_callers=callers,
             caller_tokens_file=self.file("BROKER_CALLER_TOKENS_FILE"),
             allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", False),
-            max_concurrent_per_caller=self.integer("BROKER_MAX_CONCURRENT_PER_CALLER", 64, 1, 100_000),
+            max_concurrent_per_caller=self.integer("BROKER_MAX_CONCURRENT_PER_CALLER", 1024, 1, 100_000),
             max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", 4096, 64, 1 << 20),
             health_listen=self.address("BROKER_HEALTH_LISTEN", "", allow_empty=True),
         )

@@ -94,7 +94,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             except Exception:
                 log.exception("unexpected error in %s", details.method)
                 code = grpc.StatusCode.INTERNAL
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                try:
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:  # the call already ended (caller gone, status sent): nothing left to send
+                    raise grpc.aio.AbortError() from None
             finally:
                 release()
                 current_call.reset(token)
