@@ -58,32 +58,44 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         self._metrics = metrics
         self._protected = protected_service
         self._gate = gatekeeper or Gatekeeper()
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        service, _, method = details.method.lstrip("/").rpartition("/")
+        wrapped = self._wrap(details.method, handler)
+        self._wrapped[details.method] = wrapped  # one entry per registered method
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         protected = service == self._protected
         labels = ("unary", service, method)
         inner = handler.unary_unary
         m = self._metrics
         gate = self._gate
+        started_total = m.grpc_started.labels(*labels)
+        handling_seconds = m.grpc_seconds.labels(*labels)
+        handled: dict[grpc.StatusCode, Any] = {}
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             record = CallRecord()
             token = current_call.set(record)
-            m.grpc_started.labels(*labels).inc()
+            started_total.inc()
             code = grpc.StatusCode.OK
             release = _noop
             try:
                 if protected:
-                    record.caller, release = await gate.admit(context, details.invocation_metadata or ())
+                    record.caller, release = await gate.admit(context, context.invocation_metadata() or ())
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -92,7 +104,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception:
-                log.exception("unexpected error in %s", details.method)
+                log.exception("unexpected error in %s", full_method)
                 code = grpc.StatusCode.INTERNAL
                 try:
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -104,9 +116,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 release()
                 current_call.reset(token)
                 elapsed = time.perf_counter() - started
-                m.grpc_handled.labels(*labels, code.name).inc()
-                m.grpc_seconds.labels(*labels).observe(elapsed)
-                self._log(details.method, protected, code, elapsed, context, record)
+                child = handled.get(code)
+                if child is None:
+                    child = handled[code] = m.grpc_handled.labels(*labels, code.name)
+                child.inc()
+                handling_seconds.observe(elapsed)
+                self._log(full_method, protected, code, elapsed, context, record)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
