@@ -227,7 +227,7 @@ class Refresher:
             if retry_on_rotation and needs_refresh(latest, self._clock(), self._s.leeway):
                 return await self._locked_refresh(latest, retry_on_rotation=False)
             return fallback(latest, TokenStatus.REAUTH_REQUIRED, self._clock())
-        self._dead[used] = time.monotonic() + self._s.reauth_backoff
+        self._remember_dead(used)
         log.warning(
             "identity provider rejected the refresh (%s); not retrying this refresh token for %ss",
             rejected.error,
@@ -255,6 +255,12 @@ class Refresher:
         self._circuit.record_success()
         self._obs.refresh_finished("success", time.monotonic() - started)
         return tokens
+
+    def _remember_dead(self, refresh_token: Secret) -> None:
+        now = time.monotonic()
+        if len(self._dead) >= 10_000:  # bounded memory: drop entries whose back-off has passed
+            self._dead = {k: v for k, v in self._dead.items() if v > now}
+        self._dead[refresh_token] = now + self._s.reauth_backoff
 
     def _is_dead(self, refresh_token: Secret) -> bool:
         until = self._dead.get(refresh_token)

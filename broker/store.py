@@ -6,6 +6,7 @@ service's login role needs no table privilege and a valid token costs one round 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -116,7 +117,9 @@ class PostgresStore:
 
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
         try:
-            row = await self._pool.fetchrow(GET_LINK, user_id, timeout=timeout)
+            async with asyncio.timeout(timeout):  # bounds the pool wait too, not only the query
+                async with self._pool.acquire() as conn:
+                    row = await conn.fetchrow(GET_LINK, user_id)
         except _DB_ERRORS as exc:
             raise _translate(exc, "reading the link") from None
         return _link(user_id, row)
@@ -156,17 +159,17 @@ class PostgresStore:
         self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
     ) -> bool:
         try:
-            return bool(
-                await self._pool.fetchval(
-                    STORE_REFRESHED, *_store_args(user_id, previous_refresh, tokens), timeout=timeout
-                )
-            )
+            async with asyncio.timeout(timeout):
+                async with self._pool.acquire() as conn:
+                    return bool(await conn.fetchval(STORE_REFRESHED, *_store_args(user_id, previous_refresh, tokens)))
         except _DB_ERRORS as exc:
             raise _translate(exc, "writing refreshed tokens") from None
 
     async def ping(self, *, timeout: float) -> bool:
         try:
-            await self._pool.fetchval(PING, timeout=timeout)
+            async with asyncio.timeout(timeout):
+                async with self._pool.acquire() as conn:
+                    await conn.fetchval(PING)
         except _DB_ERRORS:
             return False
         return True

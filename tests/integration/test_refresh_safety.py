@@ -55,8 +55,10 @@ async def test_300_concurrent_callers_share_one_refresh(db: Database, idp: OidcT
     assert old not in tokens
     assert "" not in tokens
     assert {a.status for a in answers} <= {pb.TOKEN_STATUS_REFRESHED, pb.TOKEN_STATUS_VALID}
-    print(f"\n300 callers, one expired user: {wall * 1000:.0f} ms wall, {d['refresh_success']} refresh grant; "
-          f"same 300 calls on the valid token: {valid_wall * 1000:.0f} ms (ratio {wall / valid_wall:.2f})")
+    print(
+        f"\n300 callers, one expired user: {wall * 1000:.0f} ms wall, {d['refresh_success']} refresh grant; "
+        f"same 300 calls on the valid token: {valid_wall * 1000:.0f} ms (ratio {wall / valid_wall:.2f})"
+    )
 
 
 async def test_two_broker_processes_share_one_refresh(db: Database, idp: OidcTestProvider, tmp_path: Path) -> None:
