@@ -7,13 +7,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import grpc
-import httpx2
 import pytest
 
 from broker.devdb import free_port
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, running_broker
-from tests.support.idp import CLIENT_ID, CLIENT_SECRET, OidcTestProvider
+from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
 
@@ -74,12 +73,7 @@ async def test_expired_token_is_refreshed_rotated_and_persisted(db: Database, id
     )
     assert (again.status, again.access_token) == (pb.TOKEN_STATUS_VALID, r.access_token)
     # The IdP now rejects the old refresh token (and, with reuse detection, revokes the grant).
-    resp = httpx2.post(
-        idp.token_url,
-        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-        auth=(CLIENT_ID, CLIENT_SECRET),
-        timeout=5,
-    )
+    resp = idp.refresh_directly(issued.refresh_token)
     assert resp.status_code == 400
     assert resp.json()["error"] == "invalid_grant"
 
@@ -145,12 +139,7 @@ async def test_revoked_grant_is_reauth_required_and_row_untouched(db: Database, 
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
     # Someone else uses the refresh token first: rotation makes the stored one dead.
-    httpx2.post(
-        idp.token_url,
-        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-        auth=(CLIENT_ID, CLIENT_SECRET),
-        timeout=5,
-    ).raise_for_status()
+    idp.refresh_directly(issued.refresh_token).raise_for_status()
     await db.insert_link(uid, issued.access_token, issued.refresh_token, now() - timedelta(minutes=1))
     before = await db.link(uid)
     async with running_broker(broker_env(db, idp)) as b:

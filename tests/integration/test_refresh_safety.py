@@ -130,7 +130,7 @@ async def test_cancelled_caller_does_not_cancel_the_refresh(db: Database, idp: O
         assert row["oauth_access_token"] != old
         assert delta(before, idp.stats())["refresh_success"] == 1
         # The persisted rotated refresh token works for the next refresh.
-        await db.execute("UPDATE user_links SET oauth_expiry = now() - interval '1 minute' WHERE user_id = $1", uid)
+        await db.expire(uid)
         r = await b.get(uid)
     assert r.status == pb.TOKEN_STATUS_REFRESHED
     d = delta(before, idp.stats())
@@ -163,7 +163,7 @@ async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcT
             await asyncio.sleep(0.1)
         assert row is not None
         assert row["oauth_access_token"] == r.access_token
-        await db.execute("UPDATE user_links SET oauth_expiry = now() - interval '1 minute' WHERE user_id = $1", uid)
+        await db.expire(uid)
         again = await b.get(uid)
     assert again.status == pb.TOKEN_STATUS_REFRESHED
     d = delta(before, idp.stats())
@@ -239,16 +239,7 @@ async def test_lock_timeout_serves_a_still_valid_token(db: Database, idp: OidcTe
 async def test_invalid_grant_is_remembered_for_the_backoff(db: Database, idp: OidcTestProvider) -> None:
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
-    import httpx2
-
-    from tests.support.idp import CLIENT_ID, CLIENT_SECRET
-
-    httpx2.post(
-        idp.token_url,
-        data={"grant_type": "refresh_token", "refresh_token": issued.refresh_token},
-        auth=(CLIENT_ID, CLIENT_SECRET),
-        timeout=5,
-    ).raise_for_status()  # rotate: the stored one is dead
+    idp.refresh_directly(issued.refresh_token).raise_for_status()  # rotate: the stored one is dead
     await db.insert_link(uid, issued.access_token, issued.refresh_token, past())
     row_before = await db.link(uid)
     before = idp.stats()

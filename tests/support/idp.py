@@ -67,6 +67,15 @@ class OidcTestProvider:
         r.raise_for_status()
         return dict(r.json())
 
+    def refresh_directly(self, refresh_token: str) -> httpx2.Response:
+        """Use a refresh token as another client would (rotates it; reusing a rotated one revokes the grant)."""
+        return httpx2.post(
+            self.token_url,
+            data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+            auth=(CLIENT_ID, CLIENT_SECRET),
+            timeout=5,
+        )
+
     def set_fault(self, mode: str = "ok", delay_ms: int = 0) -> None:
         r = httpx2.post(f"{self.issuer}/__test/fault", json={"mode": mode, "delay_ms": delay_ms}, timeout=5)
         r.raise_for_status()

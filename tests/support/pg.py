@@ -115,6 +115,12 @@ class Database:
         finally:
             await conn.close()
 
+    async def expire(self, user_id: uuid.UUID) -> None:
+        """Make the stored token expired (a minute ago), keeping its tokens."""
+        await self.execute(
+            "UPDATE user_links SET oauth_expiry = now() - interval '1 minute' WHERE user_id = $1", user_id
+        )
+
     async def link(self, user_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.fetchrow("SELECT * FROM user_links WHERE user_id = $1 AND login_type = 'oidc'", user_id)
 
