@@ -210,3 +210,18 @@ async def test_without_the_elevation_reads_fail_with_permission_denied(product_d
     async with running_broker(broker_env(product_db)) as b:
         r = await b.get(uid)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_STORE_UNAVAILABLE, "")
+
+
+async def test_dbcrypt_encrypted_links_are_not_served_as_tokens(product_db: Database) -> None:
+    """Ciphertext from the product's dbcrypt is never handed out as a bearer token."""
+    uid = uuid.uuid4()
+    await product_db.execute("INSERT INTO users (id, email, username) VALUES ($1, 'c@example.com', 'c')", uid)
+    await product_db.execute("INSERT INTO dbcrypt_keys (number, active_key_digest, test) VALUES (1, 'k1', 't')")
+    await product_db.insert_link(uid, "ciphertext-blob", "ciphertext-refresh", datetime.now(UTC) + timedelta(hours=1))
+    await product_db.execute(
+        "UPDATE user_links SET oauth_access_token_key_id = 'k1', oauth_refresh_token_key_id = 'k1' WHERE user_id = $1",
+        uid,
+    )
+    async with running_broker(broker_env(product_db)) as b:
+        r = await b.get(uid)
+    assert (r.status, r.access_token) == (pb.TOKEN_STATUS_STORE_UNAVAILABLE, "")
