@@ -105,6 +105,7 @@ class App:
                 persist_retry_seconds=s.persist_retry_seconds,
                 store_timeout=s.request_timeout,
                 max_concurrent=max(1, s.db_pool_max // 2),
+                in_flight_window=s.oidc_timeout + s.persist_retry_seconds + 5,
             ),
             circuit,
             observer=self.metrics,

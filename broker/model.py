@@ -56,6 +56,7 @@ class Link:
     expiry: datetime | None
     account: AccountState = AccountState.ACTIVE
     encrypted: bool = False  # tokens are dbcrypt ciphertext the broker cannot read
+    in_flight_seconds: float | None = None  # this refresh token was sent to the IdP this long ago, not yet written
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,14 @@ class LockedLink(Protocol):
         """Write refreshed tokens inside the locked transaction; committed when the context exits cleanly."""
         ...
 
+    async def mark_in_flight(self) -> None:
+        """Record, committed at once and visible to every replica, that the link's refresh token goes to the IdP."""
+        ...
+
+    async def clear_in_flight(self) -> None:
+        """Lift that record after the IdP call failed (best effort)."""
+        ...
+
 
 class LinkStore(Protocol):
     """Reads and writes OIDC links under the elevated database role."""

@@ -47,6 +47,7 @@ class RefreshSettings:
     persist_retry_seconds: float
     store_timeout: float
     max_concurrent: int
+    in_flight_window: float = 60.0  # how long another replica's unwritten refresh blocks sending the same token
 
 
 @dataclass(slots=True)
@@ -203,7 +204,20 @@ class Refresher:
                 used = link.refresh_token
                 if self._is_dead(used):
                     return fallback(link, TokenStatus.REAUTH_REQUIRED, now)
-                tokens = await self._call_idp(used)
+                if link.in_flight_seconds is not None and link.in_flight_seconds < self._s.in_flight_window:
+                    # Another replica sent this very refresh token and lost its connection before writing the
+                    # answer; sending it again could revoke the grant. Its write-back retry will land the result.
+                    log.warning(
+                        "refresh token already at the IdP from another replica; not sending it again",
+                        extra={"user_id": str(uid)},
+                    )
+                    return fallback(link, TokenStatus.IDP_UNAVAILABLE, now)
+                await locked.mark_in_flight()
+                try:
+                    tokens = await self._call_idp(used)
+                except (IdpUnavailable, IdpRejected):
+                    await locked.clear_in_flight()
+                    raise
                 # From here on the IdP has rotated the refresh token: the new one must not be lost.
                 if not await locked.save(tokens):
                     log.warning("refreshed link vanished under the lock", extra={"user_id": str(uid)})

@@ -24,6 +24,8 @@ log = logging.getLogger("broker.store")
 GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5)"
+BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1)"
+ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1)"
 PING = "SELECT 1"
 
 #: Errors that mean "the database failed", as opposed to a bug in our SQL.
@@ -57,6 +59,7 @@ def _link(user_id: UUID, row: asyncpg.Record | None) -> Link | None:
         expiry=normalise_expiry(row["expiry"]),
         account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
         encrypted=row["access_key_id"] is not None or row["refresh_key_id"] is not None,
+        in_flight_seconds=row.get("in_flight_seconds", None),
     )
 
 
@@ -64,11 +67,32 @@ PoolConnection = asyncpg.pool.PoolConnectionProxy  # what Pool.acquire() hands o
 
 
 class _Locked:
-    def __init__(self, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float
+    ) -> None:
+        self._pool = pool
         self._conn = conn
         self._user_id = user_id
         self.link = link
         self._timeout = timeout
+
+    async def _autonomous(self, sql: str, what: str) -> None:
+        """Run on another connection and commit now, independent of the locked transaction."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.acquire() as other:
+                    await other.execute(sql, self._user_id)
+        except _DB_ERRORS as exc:
+            raise _translate(exc, what) from None
+
+    async def mark_in_flight(self) -> None:
+        await self._autonomous(BEGIN_REFRESH, "marking the refresh in flight")
+
+    async def clear_in_flight(self) -> None:
+        try:
+            await self._autonomous(ABANDON_REFRESH, "clearing the in-flight marker")
+        except StoreUnavailable:
+            log.warning("in-flight marker not cleared; it expires by itself", extra={"user_id": str(self._user_id)})
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
@@ -144,7 +168,7 @@ class PostgresStore:
                 await _rollback_quietly(tx)
                 raise _translate(exc, "taking the refresh lock") from None
             try:
-                yield _Locked(conn, user_id, _link(user_id, row), lock_timeout + 1)
+                yield _Locked(self._pool, conn, user_id, _link(user_id, row), lock_timeout + 1)
             except BaseException:
                 await _rollback_quietly(tx)
                 raise

@@ -353,3 +353,64 @@ async def test_lock_is_released_when_the_refresh_fails(db: Database, idp: OidcTe
             await conn.fetchrow("SELECT 1 FROM user_links WHERE user_id = $1 FOR UPDATE", uid)
     finally:
         await conn.close()
+
+
+async def test_replica_waiting_on_the_lock_does_not_resend_a_token_whose_holder_lost_its_connection(
+    db: Database, idp: OidcTestProvider
+) -> None:
+    """A's connection dies while its refresh is at the IdP; B gets the row lock at once but must not send the same
+    refresh token (reuse detection would revoke the grant). A's retried write-back lands; B then serves it."""
+    uid, _ = await expired_user(db, idp)
+    env = broker_env(db, idp)
+    async with running_broker(env) as a, running_broker(env) as b:
+        for r in (a, b):
+            await r.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+        idp.set_fault("ok", delay_ms=800)
+        before = idp.stats()
+        first = asyncio.create_task(a.get(uid))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(b.get(uid))
+        await asyncio.sleep(0.2)
+        admin = await db.admin()
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND"
+            " application_name = 'token-broker' AND state = 'idle in transaction'",
+            db.name,
+        )
+        await admin.close()
+        assert killed == 1
+        from_b = await waiting
+        from_a = await first
+        idp.set_fault("ok")
+        for _ in range(50):
+            row = await db.link(uid)
+            if row is not None and row["oauth_access_token"] == from_a.access_token:
+                break
+            await asyncio.sleep(0.1)
+        later = await b.get(uid)
+    d = delta(before, idp.stats())
+    assert (d["refresh_success"], d["invalid_grant"], d["grants_revoked"]) == (1, 0, 0)
+    assert from_a.status == pb.TOKEN_STATUS_REFRESHED
+    assert (from_b.status, from_b.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
+    assert later.access_token == from_a.access_token
+
+
+async def test_migrate_upgrades_the_lock_function_of_an_older_install(db: Database) -> None:
+    from broker.migrate import migrate
+    from tests.support.pg import SERVICE_ROLE
+
+    await db.execute("""
+        DROP FUNCTION token_broker.lock_oidc_link(uuid);
+        CREATE FUNCTION token_broker.lock_oidc_link(p_user_id uuid)
+        RETURNS TABLE (access_token text, refresh_token text, expiry timestamptz,
+                       access_key_id text, refresh_key_id text, account_disabled boolean)
+        LANGUAGE sql AS $$ SELECT '', '', now(), null::text, null::text, false $$;
+    """)
+    await migrate(db.admin_url, SERVICE_ROLE)
+    row = await db.fetchrow(
+        "SELECT pg_get_function_result('token_broker.lock_oidc_link(uuid)'::regprocedure) AS result, prosecdef"
+        " FROM pg_proc WHERE oid = 'token_broker.lock_oidc_link(uuid)'::regprocedure"
+    )
+    assert row is not None
+    assert "in_flight_seconds" in row["result"]
+    assert row["prosecdef"] is True
