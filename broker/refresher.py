@@ -235,7 +235,10 @@ class Refresher:
         self, seen: Link, used: Secret, rejected: IdpRejected, *, retry_on_rotation: bool
     ) -> TokenResult:
         uid = seen.user_id
-        latest = await self._store.get_link(uid, timeout=self._s.store_timeout)
+        try:
+            latest = await self._store.get_link(uid, timeout=self._s.store_timeout)
+        except StoreUnavailable:
+            latest = None  # cannot tell whether it was rotated meanwhile; the rejection stands
         if latest is not None and latest.refresh_token and latest.refresh_token != used:
             log.info("refresh token was rotated meanwhile; using the new state", extra={"user_id": str(uid)})
             if retry_on_rotation and needs_refresh(latest, self._clock(), self._s.leeway):
