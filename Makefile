@@ -55,6 +55,7 @@ helm-lint: $(STAMP)
 	$(PY) -m tests.support.helm lint
 
 bench: $(STAMP) $(NODE_STAMP)
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) -m bench.run
 
 check: lint typecheck proto-check buf test

@@ -30,6 +30,32 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in before}
 
 
+async def kill_locked_connections(db: Database) -> int:
+    """Terminate the broker's connections that hold a transaction open (the refresh lock); returns how many."""
+    admin = await db.admin()
+    try:
+        return int(
+            await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND"
+                " application_name = 'token-broker' AND state = 'idle in transaction'",
+                db.name,
+            )
+        )
+    finally:
+        await admin.close()
+
+
+async def wait_for_access_token(db: Database, uid: uuid.UUID, token: str, *, seconds: float) -> asyncpg.Record:
+    """The link row once it holds `token` (a retried write-back lands asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        row = await db.link(uid)
+        if (row is not None and row["oauth_access_token"] == token) or time.monotonic() > deadline:
+            assert row is not None
+            return row
+        await asyncio.sleep(0.1)
+
+
 async def expired_user(db: Database, idp: OidcTestProvider) -> tuple[uuid.UUID, str]:
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
@@ -145,23 +171,11 @@ async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcT
         before = idp.stats()
         call = asyncio.create_task(b.get(uid))
         await asyncio.sleep(0.35)  # the lock is held, the IdP is answering
-        admin = await db.admin()
-        killed = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND"
-            " application_name = 'token-broker' AND state = 'idle in transaction'",
-            db.name,
-        )
-        await admin.close()
-        assert killed == 1
+        assert await kill_locked_connections(db) == 1
         r = await call
         idp.set_fault("ok")
         assert r.status == pb.TOKEN_STATUS_REFRESHED
-        for _ in range(50):
-            row = await db.link(uid)
-            if row is not None and row["oauth_access_token"] == r.access_token:
-                break
-            await asyncio.sleep(0.1)
-        assert row is not None
+        row = await wait_for_access_token(db, uid, r.access_token, seconds=5)
         assert row["oauth_access_token"] == r.access_token
         await db.expire(uid)
         again = await b.get(uid)
@@ -187,12 +201,7 @@ async def test_write_back_is_retried_while_the_database_is_unreachable(db: Datab
         assert during.access_token == r.access_token
         await asyncio.sleep(1.0)
         await db.set_reachable(True)
-        for _ in range(100):
-            row = await db.link(uid)
-            if row is not None and row["oauth_access_token"] == r.access_token:
-                break
-            await asyncio.sleep(0.1)
-    assert row is not None
+        row = await wait_for_access_token(db, uid, r.access_token, seconds=10)
     assert row["oauth_access_token"] == r.access_token
 
 
@@ -371,22 +380,11 @@ async def test_replica_waiting_on_the_lock_does_not_resend_a_token_whose_holder_
         await asyncio.sleep(0.2)
         waiting = asyncio.create_task(b.get(uid))
         await asyncio.sleep(0.2)
-        admin = await db.admin()
-        killed = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 AND"
-            " application_name = 'token-broker' AND state = 'idle in transaction'",
-            db.name,
-        )
-        await admin.close()
-        assert killed == 1
+        assert await kill_locked_connections(db) == 1
         from_b = await waiting
         from_a = await first
         idp.set_fault("ok")
-        for _ in range(50):
-            row = await db.link(uid)
-            if row is not None and row["oauth_access_token"] == from_a.access_token:
-                break
-            await asyncio.sleep(0.1)
+        await wait_for_access_token(db, uid, from_a.access_token, seconds=5)
         later = await b.get(uid)
     d = delta(before, idp.stats())
     assert (d["refresh_success"], d["invalid_grant"], d["grants_revoked"]) == (1, 0, 0)
