@@ -227,3 +227,35 @@ async def test_dbcrypt_encrypted_links_are_not_served_as_tokens(product_db: Data
     async with running_broker(broker_env(product_db)) as b:
         r = await b.get(uid)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_STORE_UNAVAILABLE, "")
+
+
+async def test_a_valid_token_costs_one_database_round_trip(db: Database) -> None:
+    """Counted by PostgreSQL itself: every statement outside a transaction block commits once (pg_stat_database).
+    Two broker runs, 1 call and 201 calls; their difference is what 200 valid-token calls cost."""
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
+
+    async def commits() -> int:
+        conn = await db.admin()
+        try:
+            return int(await conn.fetchval("SELECT xact_commit FROM pg_stat_database WHERE datname = $1", db.name))
+        finally:
+            await conn.close()
+
+    async def run(calls: int) -> int:
+        before = await commits()
+        env = broker_env(db, BROKER_HEALTH_INTERVAL="3600", BROKER_DB_POOL_MIN="1", BROKER_DB_POOL_MAX="1")
+        async with running_broker(env) as b:
+            for _ in range(calls):
+                assert (await b.get(uid)).status == pb.TOKEN_STATUS_VALID
+        for _ in range(50):  # a backend flushes its statistics when it exits
+            await asyncio.sleep(0.1)
+            after = await commits()
+            if after - before >= calls:
+                break
+        await asyncio.sleep(0.3)
+        return await commits() - before
+
+    one, many = await run(1), await run(201)
+    # A second round trip per call (asyncpg's default pool reset query, SET LOCAL ROLE...) would add 200 or more.
+    assert 195 <= many - one <= 205, (one, many)
