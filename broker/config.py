@@ -35,7 +35,8 @@ class Settings:
     db_pool_min: int = 1
     """BROKER_DB_POOL_MIN."""
     db_pool_max: int = 10
-    """BROKER_DB_POOL_MAX; refreshes hold a connection across the IdP call and use at most half of the pool."""
+    """BROKER_DB_POOL_MAX (at least 2): a refresh holds its locked connection across the IdP call and briefly a
+    second one for the in-flight marker; refreshes use at most half of the pool."""
     listen: str = "127.0.0.1:50051"
     """BROKER_LISTEN: host:port of the gRPC server."""
     metrics_listen: str = "127.0.0.1:9464"
@@ -248,7 +249,7 @@ class _Reader:
             migrate_database_url=migrate_url,
             db_service_role=role,
             db_pool_min=self.integer("BROKER_DB_POOL_MIN", 1, 0, 1000),
-            db_pool_max=self.integer("BROKER_DB_POOL_MAX", 10, 1, 1000),
+            db_pool_max=self.integer("BROKER_DB_POOL_MAX", 10, 2, 1000),
             listen=self.address("BROKER_LISTEN", "127.0.0.1:50051"),
             metrics_listen=self.address("BROKER_METRICS_LISTEN", "127.0.0.1:9464", allow_empty=True),
             log_level=log_level,

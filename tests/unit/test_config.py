@@ -32,7 +32,7 @@ def test_every_bad_variable_is_named_at_once() -> None:
         "BROKER_OIDC_TIMEOUT": "-1",
         "BROKER_LISTEN": "nope",
         "BROKER_LOG_LEVEL": "LOUD",
-        "BROKER_DB_POOL_MAX": "0",
+        "BROKER_DB_POOL_MAX": "1",  # a refresh needs two connections
         "BROKER_OIDC_ISSUER": "http://idp.example.com",
         "BROKER_ALLOW_INSECURE": "maybe",
     }
