@@ -121,7 +121,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                     child = handled[code] = m.grpc_handled.labels(*labels, code.name)
                 child.inc()
                 handling_seconds.observe(elapsed)
-                self._log(full_method, protected, code, elapsed, context, record)
+                self._finish(full_method, protected, code, elapsed, context, record)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -129,7 +129,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
             response_serializer=handler.response_serializer,
         )
 
-    def _log(
+    def _finish(
         self,
         method: str,
         protected: bool,
@@ -138,6 +138,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         context: grpc.aio.ServicerContext[Any, Any],
         record: CallRecord,
     ) -> None:
+        """Token-request metrics and the one access (or audit) line per RPC."""
         fields: dict[str, Any] = {
             "method": method,
             "grpc_code": code.name,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -20,6 +20,7 @@ from broker.model import AccountState, Link, RefreshedTokens, Secret
 from broker.policy import ZERO_TIME, normalise_expiry
 
 log = logging.getLogger("broker.store")
+T = TypeVar("T")
 
 GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
@@ -78,12 +79,7 @@ class _Locked:
 
     async def _autonomous(self, sql: str, what: str) -> None:
         """Run on another connection and commit now, independent of the locked transaction."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as other:
-                    await other.execute(sql, self._user_id)
-        except _DB_ERRORS as exc:
-            raise _translate(exc, what) from None
+        await _on_pool(self._pool, self._timeout, what, lambda other: other.execute(sql, self._user_id))
 
     async def mark_in_flight(self) -> None:
         await self._autonomous(BEGIN_REFRESH, "marking the refresh in flight")
@@ -106,6 +102,16 @@ class _Locked:
             )
         except _DB_ERRORS as exc:
             raise _translate(exc, "writing refreshed tokens") from None
+
+
+async def _on_pool(pool: asyncpg.Pool, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]]) -> T:
+    """One statement on a pooled connection; `timeout` bounds the pool wait too, not only the query."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with pool.acquire() as conn:
+                return await op(conn)
+    except _DB_ERRORS as exc:
+        raise _translate(exc, what) from None
 
 
 def _store_args(user_id: UUID, previous: Secret, tokens: RefreshedTokens) -> tuple[Any, ...]:
@@ -141,12 +147,7 @@ class PostgresStore:
         return pool
 
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
-        try:
-            async with asyncio.timeout(timeout):  # bounds the pool wait too, not only the query
-                async with self._pool.acquire() as conn:
-                    row = await conn.fetchrow(GET_LINK, user_id)
-        except _DB_ERRORS as exc:
-            raise _translate(exc, "reading the link") from None
+        row = await _on_pool(self._pool, timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id))
         return _link(user_id, row)
 
     @asynccontextmanager
@@ -183,19 +184,17 @@ class PostgresStore:
     async def save_refreshed(
         self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
     ) -> bool:
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._pool.acquire() as conn:
-                    return bool(await conn.fetchval(STORE_REFRESHED, *_store_args(user_id, previous_refresh, tokens)))
-        except _DB_ERRORS as exc:
-            raise _translate(exc, "writing refreshed tokens") from None
+        args = _store_args(user_id, previous_refresh, tokens)
+        return bool(
+            await _on_pool(
+                self._pool, timeout, "writing refreshed tokens", lambda conn: conn.fetchval(STORE_REFRESHED, *args)
+            )
+        )
 
     async def ping(self, *, timeout: float) -> bool:
         try:
-            async with asyncio.timeout(timeout):
-                async with self._pool.acquire() as conn:
-                    await conn.fetchval(PING)
-        except _DB_ERRORS:
+            await _on_pool(self._pool, timeout, "checking readiness", lambda conn: conn.fetchval(PING))
+        except StoreUnavailable:
             return False
         return True
 
