@@ -18,6 +18,10 @@ class StoreUnavailable(BrokerError):
     """The database failed: unreachable, timed out, or refused (including a missing elevation grant)."""
 
 
+class MigrationRefused(BrokerError):
+    """`migrate` found the database unsafe or in a state it cannot fix; the message says what to do."""
+
+
 class RefreshLockTimeout(BrokerError):
     """Another holder kept the per-link refresh lock longer than the bounded wait. Not a credential failure."""
 

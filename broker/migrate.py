@@ -13,7 +13,7 @@ from importlib import resources
 
 import asyncpg
 
-from broker.errors import StoreUnavailable
+from broker.errors import MigrationRefused, StoreUnavailable
 
 log = logging.getLogger("broker.migrate")
 
@@ -21,12 +21,16 @@ log = logging.getLogger("broker.migrate")
 MIGRATION_LOCK_KEY = 0x746F6B656E62726B  # "tokenbrk"
 _VERSIONED = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
+#: The migration's transaction resolves names in pg_catalog only (pg_temp last: never searched for functions or
+#: operators, and this session creates no temporary objects). Every file also writes its schemas out.
+_SAFE_SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pg_temp"
+
 _BOOKKEEPING = """
 CREATE SCHEMA IF NOT EXISTS token_broker;
 CREATE TABLE IF NOT EXISTS token_broker.schema_migrations (
-    version integer PRIMARY KEY,
-    name text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    version pg_catalog.int4 PRIMARY KEY,
+    name pg_catalog.text NOT NULL,
+    applied_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 """
 
@@ -62,9 +66,12 @@ async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> Migr
         raise StoreUnavailable(f"cannot connect for migration: {type(exc).__name__}") from None
     try:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            # First, so that nothing below can resolve a name to an object that someone else created in public
+            # (a function, an operator or a type there would run as this admin role).
+            await conn.execute(_SAFE_SEARCH_PATH)
+            await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
             await conn.execute(_BOOKKEEPING)
-            await conn.execute("SELECT set_config('token_broker.service_role', $1, true)", service_role)
+            await conn.execute("SELECT pg_catalog.set_config('token_broker.service_role', $1, true)", service_role)
             done = {r["version"] for r in await conn.fetch("SELECT version FROM token_broker.schema_migrations")}
             applied: list[str] = []
             for version, name, sql in versioned:
@@ -79,5 +86,9 @@ async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> Migr
             for _name, sql in repeatable:
                 await conn.execute(sql)
         return MigrationReport(applied=applied, already_applied=len(done))
+    except asyncpg.RaiseError as exc:
+        # Our own refusals (repeatable_access.sql): the message and the hint are written for the operator.
+        hint = f" ({exc.hint})" if exc.hint else ""
+        raise MigrationRefused(f"migration refused: {exc.message}{hint}") from None
     finally:
         await conn.close()

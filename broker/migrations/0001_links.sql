@@ -2,7 +2,7 @@
 -- On the product's own database both exist (with foreign keys and a trigger) and are left exactly as they are.
 DO $$
 BEGIN
-    IF to_regtype('public.login_type') IS NULL THEN
+    IF pg_catalog.to_regtype('public.login_type') IS NULL THEN
         CREATE TYPE public.login_type AS ENUM
             ('password', 'github', 'oidc', 'token', 'none', 'oauth2_provider_app');
     END IF;

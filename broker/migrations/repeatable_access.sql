@@ -1,19 +1,39 @@
 -- Re-applied on every migrate: roles, column grants and the SECURITY DEFINER functions. Idempotent.
 -- The service role comes from the setting token_broker.service_role (BROKER_DB_SERVICE_ROLE).
+--
+-- Search-path hygiene (the functions run as token_broker_elevated, this file as the admin): every function, operator
+-- and type is written with its schema (pg_catalog.format, OPERATOR(pg_catalog.=), public.login_type), so an object
+-- that someone else created in public can never be picked instead, not even as a "better match" for an argument
+-- type. migrate runs this file with `SET LOCAL search_path = pg_catalog, pg_temp`. The functions' own search_path is
+-- `pg_catalog, pg_temp`; store_refreshed alone also has public (after pg_catalog), because the product's trigger on
+-- user_links reads `users` unqualified as the writing role; migrate makes sure the service role cannot CREATE there.
 DO $$
 DECLARE
-    svc text := current_setting('token_broker.service_role');
-    has_users boolean := to_regclass('public.users') IS NOT NULL;
+    svc text := pg_catalog.current_setting('token_broker.service_role');
+    has_users boolean := pg_catalog.to_regclass('public.users') IS NOT NULL;
     account_expr text;
     account_join text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = svc) THEN
-        EXECUTE format('CREATE ROLE %I LOGIN', svc);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) svc) THEN
+        EXECUTE pg_catalog.format('CREATE ROLE %I LOGIN', svc);
     END IF;
 
-    -- The login role may touch no table directly, only EXECUTE the broker's functions.
-    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA public FROM %I', svc);
-    EXECUTE format('GRANT USAGE ON SCHEMA token_broker TO %I', svc);
+    -- The login role may touch no table directly, only EXECUTE the broker's functions; and it may create nothing in
+    -- public, where its objects could be looked up by the product's own code (the trigger above, or anyone's queries).
+    EXECUTE pg_catalog.format('REVOKE ALL ON ALL TABLES IN SCHEMA public FROM %I', svc);
+    EXECUTE pg_catalog.format('REVOKE CREATE ON SCHEMA public FROM %I', svc);
+    EXECUTE pg_catalog.format('REVOKE CREATE ON SCHEMA token_broker FROM %I', svc);
+    IF pg_catalog.has_schema_privilege(svc, 'public', 'CREATE') THEN
+        RAISE EXCEPTION 'the service role % can still CREATE in schema public (through PUBLIC or a role it is a '
+            'member of), so it could plant functions or operators there', svc
+            USING HINT = 'Run REVOKE CREATE ON SCHEMA public FROM PUBLIC (the default since PostgreSQL 15) and revoke '
+                         'membership in roles that own or may create in public, then migrate again.';
+    END IF;
+    IF pg_catalog.has_schema_privilege(svc, 'token_broker', 'CREATE') THEN
+        RAISE EXCEPTION 'the service role % can CREATE in schema token_broker (through a role it is a member of)', svc
+            USING HINT = 'The service role must be a plain login role that owns nothing of the database.';
+    END IF;
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA token_broker TO %I', svc);
 
     -- The elevated role: only the columns the broker needs; update only tokens, key ids and expiry.
     REVOKE ALL ON public.user_links FROM token_broker_elevated;
@@ -28,8 +48,8 @@ BEGIN
         -- Account state, and the product's trigger on user_links, which reads users.deleted as the writing role.
         REVOKE ALL ON public.users FROM token_broker_elevated;
         GRANT SELECT (id, status, deleted) ON public.users TO token_broker_elevated;
-        account_expr := 'COALESCE(u.deleted OR u.status::text = ''suspended'', false)';
-        account_join := 'LEFT JOIN public.users u ON u.id = l.user_id';
+        account_expr := 'COALESCE(u.deleted OR u.status::pg_catalog.text OPERATOR(pg_catalog.=) ''suspended'', false)';
+        account_join := 'LEFT JOIN public.users u ON u.id OPERATOR(pg_catalog.=) l.user_id';
     ELSE
         account_expr := 'false';
         account_join := '';
@@ -43,74 +63,84 @@ BEGIN
     -- Function owners need CREATE on the schema only while ownership is transferred.
     GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
 
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION token_broker.get_oidc_link(p_user_id uuid)
-        RETURNS TABLE (access_token text, refresh_token text, expiry timestamptz,
-                       access_key_id text, refresh_key_id text, account_disabled boolean)
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.get_oidc_link(p_user_id pg_catalog.uuid)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool)
         LANGUAGE sql STABLE SECURITY DEFINER
-        SET search_path = pg_catalog, public, pg_temp
+        SET search_path = pg_catalog, pg_temp
         AS $body$
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
                    l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s
             FROM public.user_links l %s
-            WHERE l.user_id = p_user_id AND l.login_type = 'oidc'
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
         $body$ $f$, account_expr, account_join);
 
     -- Versions before 0002 returned no in_flight_seconds; CREATE OR REPLACE cannot change a return type.
-    IF to_regprocedure('token_broker.lock_oidc_link(uuid)') IS NOT NULL
-       AND pg_get_function_result(to_regprocedure('token_broker.lock_oidc_link(uuid)')) NOT LIKE '%in_flight_seconds%'
+    IF pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)') IS NOT NULL
+       AND pg_catalog.pg_get_function_result(pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)'))
+           OPERATOR(pg_catalog.!~~) '%in_flight_seconds%'
     THEN
-        DROP FUNCTION token_broker.lock_oidc_link(uuid);
+        DROP FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid);
     END IF;
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link(p_user_id uuid)
-        RETURNS TABLE (access_token text, refresh_token text, expiry timestamptz,
-                       access_key_id text, refresh_key_id text, account_disabled boolean,
-                       in_flight_seconds double precision)
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link(p_user_id pg_catalog.uuid)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool, in_flight_seconds pg_catalog.float8)
         LANGUAGE sql VOLATILE SECURITY DEFINER
-        SET search_path = pg_catalog, public, pg_temp
+        SET search_path = pg_catalog, pg_temp
         AS $body$
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
                    l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
-                   extract(epoch FROM clock_timestamp() - f.started_at)::double precision
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.started_at)
             FROM public.user_links l %s
             LEFT JOIN token_broker.refresh_in_flight f
-              ON f.user_id = l.user_id AND f.refresh_sha256 = sha256(convert_to(l.oauth_refresh_token, 'UTF8'))
-            WHERE l.user_id = p_user_id AND l.login_type = 'oidc'
+              ON f.user_id OPERATOR(pg_catalog.=) l.user_id
+             AND f.refresh_sha256 OPERATOR(pg_catalog.=)
+                 pg_catalog.sha256(pg_catalog.convert_to(l.oauth_refresh_token, 'UTF8'))
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
             FOR UPDATE OF l
         $body$ $f$, account_expr, account_join);
 
     -- Marks the link's current refresh token as sent to the IdP; committed on its own connection, before the call.
-    CREATE OR REPLACE FUNCTION token_broker.begin_refresh(p_user_id uuid)
+    CREATE OR REPLACE FUNCTION token_broker.begin_refresh(p_user_id pg_catalog.uuid)
     RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, public, pg_temp
+    SET search_path = pg_catalog, pg_temp
     AS $body$
         INSERT INTO token_broker.refresh_in_flight (user_id, refresh_sha256, started_at)
-        SELECT user_id, sha256(convert_to(oauth_refresh_token, 'UTF8')), clock_timestamp()
-        FROM public.user_links WHERE user_id = p_user_id AND login_type = 'oidc'
+        SELECT user_id, pg_catalog.sha256(pg_catalog.convert_to(oauth_refresh_token, 'UTF8')),
+               pg_catalog.clock_timestamp()
+        FROM public.user_links
+        WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
         ON CONFLICT (user_id) DO UPDATE
             SET refresh_sha256 = EXCLUDED.refresh_sha256, started_at = EXCLUDED.started_at
     $body$;
 
     -- The IdP call failed: the refresh token was not (or not knowably) rotated; lift the marker.
-    CREATE OR REPLACE FUNCTION token_broker.abandon_refresh(p_user_id uuid)
+    CREATE OR REPLACE FUNCTION token_broker.abandon_refresh(p_user_id pg_catalog.uuid)
     RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, public, pg_temp
+    SET search_path = pg_catalog, pg_temp
     AS $body$
-        DELETE FROM token_broker.refresh_in_flight WHERE user_id = p_user_id
+        DELETE FROM token_broker.refresh_in_flight WHERE user_id OPERATOR(pg_catalog.=) p_user_id
     $body$;
 
     -- Compare-and-set: writes only over the refresh token that was sent (or the new one, for an idempotent retry).
+    -- public is on this function's path (after pg_catalog) only for the product's trigger, which reads `users`.
     CREATE OR REPLACE FUNCTION token_broker.store_refreshed(
-        p_user_id uuid, p_expected_refresh text, p_access text, p_refresh text, p_expiry timestamptz)
-    RETURNS boolean
+        p_user_id pg_catalog.uuid, p_expected_refresh pg_catalog.text, p_access pg_catalog.text,
+        p_refresh pg_catalog.text, p_expiry pg_catalog.timestamptz)
+    RETURNS pg_catalog.bool
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public, pg_temp
     AS $body$
         WITH done AS (
-            DELETE FROM token_broker.refresh_in_flight WHERE user_id = p_user_id
+            DELETE FROM token_broker.refresh_in_flight WHERE user_id OPERATOR(pg_catalog.=) p_user_id
         ), updated AS (
             UPDATE public.user_links
             SET oauth_access_token = p_access,
@@ -118,30 +148,35 @@ BEGIN
                 oauth_expiry = p_expiry,
                 oauth_access_token_key_id = NULL,
                 oauth_refresh_token_key_id = NULL
-            WHERE user_id = p_user_id AND login_type = 'oidc'
-              AND oauth_refresh_token IN (p_expected_refresh, p_refresh)
+            WHERE user_id OPERATOR(pg_catalog.=) p_user_id
+              AND login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
+              AND (oauth_refresh_token OPERATOR(pg_catalog.=) p_expected_refresh
+                   OR oauth_refresh_token OPERATOR(pg_catalog.=) p_refresh)
             RETURNING 1
         )
-        SELECT count(*) > 0 FROM updated
+        SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM updated
     $body$;
 
-    ALTER FUNCTION token_broker.get_oidc_link(uuid) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.lock_oidc_link(uuid) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.store_refreshed(uuid, text, text, text, timestamptz) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.begin_refresh(uuid) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.abandon_refresh(uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text, pg_catalog.text,
+                                                pg_catalog.timestamptz) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.begin_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
     REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
 
-    REVOKE ALL ON FUNCTION token_broker.get_oidc_link(uuid) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.lock_oidc_link(uuid) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.store_refreshed(uuid, text, text, text, timestamptz) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.begin_refresh(uuid) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.abandon_refresh(uuid) FROM PUBLIC;
-    EXECUTE format('GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(uuid) TO %I', svc);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(uuid) TO %I', svc);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link(uuid) TO %I', svc);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION token_broker.lock_oidc_link(uuid) TO %I', svc);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION token_broker.store_refreshed(uuid, text, text, text, timestamptz) TO %I',
-                   svc);
+    REVOKE ALL ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+                                                        pg_catalog.text, pg_catalog.timestamptz) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,'
+        ' pg_catalog.text, pg_catalog.timestamptz) TO %I', svc);
 END
 $$;
