@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 from contextlib import AsyncExitStack
-from datetime import timedelta
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,9 +21,15 @@ from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.idp import OidcRefresher
-from broker.interceptors import Gatekeeper, ServerInterceptor
+from broker.interceptors import RpcEntry
 from broker.metrics import Metrics
-from broker.refresher import Refresher, RefreshSettings
+from broker.ports import Gatekeeper, IdentityProvider, LinkStore
+from broker.refresh import Refresher, RefreshSettings
+from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
+from broker.refresh.liveness import Liveness
+from broker.refresh.refresher import GuardedIdp
+from broker.refresh.rejections import RejectedTokens
+from broker.refresh.writeback import WriteBack
 from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.store import PostgresStore
 from broker.tls import ReloadingCertificates
@@ -37,11 +43,53 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class App:
-    """One running broker. `start()` binds and serves; `stop()` drains and closes everything in reverse order."""
+@dataclass(frozen=True)
+class Service:
+    """The token service and what the lifecycle needs of it, wired with no I/O."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
-        if settings.database_url is None:
+    servicer: TokenBrokerServicer
+    refresher: Refresher
+    writeback: WriteBack
+
+
+def build_service(settings: Settings, store: LinkStore, idp: IdentityProvider | None, metrics: Metrics) -> Service:
+    """Wire the refresh core and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
+    rs = RefreshSettings.from_settings(settings)
+    circuit = CircuitBreaker(
+        settings.circuit_failures, settings.circuit_open_seconds, on_change=lambda st: metrics.circuit_state(int(st))
+    )
+    guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, circuit, metrics)
+    liveness = Liveness(store, rs.heartbeat_interval)
+    writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
+    refresher = Refresher(
+        store,
+        guarded,
+        rs,
+        writeback=writeback,
+        liveness=liveness,
+        rejected=RejectedTokens(rs.reauth_backoff),
+        observer=metrics,
+    )
+    metrics.bind_unpersisted(lambda: len(writeback))
+    tokens = TokenService(store, refresher, writeback, rs)
+    return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback)
+
+
+class App:
+    """One running broker. `start()` opens the pool and the IdP client (unless given), builds the service and the
+    server, and starts the listeners; `stop()` drains and closes everything in reverse order.
+
+    `store` and `idp` replace the PostgreSQL store and the OIDC client, as in Cosmic Python's bootstrap()."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        store: LinkStore | None = None,
+        idp: IdentityProvider | None = None,
+    ) -> None:
+        if settings.database_url is None and store is None:
             raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
         self.settings = settings
         self.registry = registry or CollectorRegistry()
@@ -50,21 +98,38 @@ class App:
         self.metrics_port = 0
         self.health_port = 0
         self.certificates: ReloadingCertificates | None = None
+        self.store = store
+        self.idp = idp
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._store: PostgresStore | None = None
-        self._refresher: Refresher | None = None
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        s = self.settings
-        stack = self._stack
         await self._health.set("", SERVING)
         await self._health.set(SERVICE_NAME, NOT_SERVING)
+        gatekeeper = _gatekeeper(self.settings)
+        store = await self._open_store()
+        service = build_service(self.settings, store, await self._open_idp(), self.metrics)
+        self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
+        self._server = self._build_server(service, gatekeeper)
+        await self._start_listeners(self._server)
+        readiness = asyncio.create_task(self._watch_database(store), name="readiness")
+        self._stack.push_async_callback(_cancel, readiness)
+        log.info(
+            "token-broker serving",
+            extra={
+                "listen": self.settings.listen,
+                "port": self.port,
+                "version": __version__,
+                "metrics": self.settings.metrics_listen or None,
+            },
+        )
 
-        gatekeeper = await self._gatekeeper(stack)
-
+    async def _open_store(self) -> LinkStore:
+        if self.store is not None:
+            return self.store
+        s = self.settings
         assert s.database_url is not None
         pool = await PostgresStore.create_pool(
             s.database_url.reveal(),
@@ -72,63 +137,44 @@ class App:
             max_size=s.db_pool_max,
             connect_timeout=s.request_timeout,
         )
-        stack.push_async_callback(pool.close)
-        self._store = store = PostgresStore(pool)
+        self._stack.push_async_callback(pool.close)
+        store = PostgresStore(pool)
         self.metrics.bind_pool(store.pool_stats)
+        self.store = store
+        return store
 
-        idp: OidcRefresher | None = None
-        if s.idp_configured:
-            assert s.oidc_client_id is not None
-            assert s.oidc_client_secret is not None
-            idp = OidcRefresher(
-                client_id=s.oidc_client_id,
-                client_secret=s.oidc_client_secret,
-                timeout=s.oidc_timeout,
-                issuer=s.oidc_issuer,
-                token_url=s.oidc_token_url,
-                auth_method=s.oidc_auth_method,
-            )
-            stack.push_async_callback(idp.aclose)
-        else:
+    async def _open_idp(self) -> IdentityProvider | None:
+        if self.idp is not None:
+            return self.idp
+        s = self.settings
+        if not s.idp_configured:
             log.warning("no identity provider configured: valid tokens are served, expired ones are not renewed")
+            return None
+        assert s.oidc_client_id is not None
+        assert s.oidc_client_secret is not None
+        client = OidcRefresher(
+            client_id=s.oidc_client_id,
+            client_secret=s.oidc_client_secret,
+            timeout=s.oidc_timeout,
+            issuer=s.oidc_issuer,
+            token_url=s.oidc_token_url,
+            auth_method=s.oidc_auth_method,
+        )
+        self._stack.push_async_callback(client.aclose)
+        self.idp = client
+        return client
 
-        circuit = CircuitBreaker(
-            s.circuit_failures, s.circuit_open_seconds, on_change=lambda st: self.metrics.circuit_state(int(st))
-        )
-        self._refresher = refresher = Refresher(
-            store,
-            idp,
-            RefreshSettings(
-                leeway=timedelta(seconds=s.refresh_leeway),
-                lock_timeout=s.refresh_lock_timeout,
-                reauth_backoff=s.reauth_backoff,
-                persist_retry_seconds=s.persist_retry_seconds,
-                store_timeout=s.request_timeout,
-                max_concurrent=max(1, s.db_pool_max // 2),
-                in_flight_window=s.oidc_timeout + s.persist_retry_seconds + 5,
-            ),
-            circuit,
-            observer=self.metrics,
-        )
-        stack.push_async_callback(refresher.drain, s.persist_retry_seconds + 1)
-        self.metrics.bind_unpersisted(lambda: refresher.unpersisted)
-        tokens = TokenService(
-            store,
-            refresher,
-            leeway=timedelta(seconds=s.refresh_leeway),
-            refresh_ahead=timedelta(seconds=s.refresh_ahead),
-            idp_configured=idp is not None,
-        )
-
+    def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
+        s = self.settings
         server = grpc.aio.server(
-            interceptors=[ServerInterceptor(self.metrics, SERVICE_NAME, gatekeeper)],
+            interceptors=[RpcEntry(self.metrics, SERVICE_NAME, gatekeeper)],
             options=[
                 ("grpc.max_receive_message_length", s.max_request_bytes),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
-        pb_grpc.add_TokenBrokerServicer_to_server(TokenBrokerServicer(tokens, s.request_timeout), server)
+        pb_grpc.add_TokenBrokerServicer_to_server(service.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -138,12 +184,14 @@ class App:
             ),
             server,
         )
-        self.port = self._bind(server, gatekeeper)
+        return server
+
+    async def _start_listeners(self, server: grpc.aio.Server) -> None:
+        s = self.settings
+        self.port = self._bind(server)
         await server.start()
-        self._server = server
         if s.health_listen:
             await self._start_health_port()
-
         if s.metrics_listen:
             host, _, port = s.metrics_listen.rpartition(":")
             httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
@@ -154,35 +202,10 @@ class App:
                 httpd.server_close()
                 thread.join(timeout=5)
 
-            stack.callback(_stop_http)
+            self._stack.callback(_stop_http)
 
-        readiness = asyncio.create_task(self._watch_database(), name="readiness")
-        stack.push_async_callback(_cancel, readiness)
-        log.info(
-            "token-broker serving",
-            extra={"listen": s.listen, "port": self.port, "version": __version__, "metrics": s.metrics_listen or None},
-        )
-
-    async def _gatekeeper(self, stack: AsyncExitStack) -> Gatekeeper:
+    def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings
-        tokens = None
-        if s.caller_tokens_file is not None:
-            load_caller_tokens(s.caller_tokens_file)  # fail fast on a malformed file
-            tokens = CallerTokens(s.caller_tokens_file)
-        return CallerGate(
-            require_identity=s.authenticates_callers,
-            allowed=s.allowed_callers,
-            tokens=tokens,
-            max_concurrent=s.max_concurrent_per_caller,
-        )
-
-    def _bind(self, server: grpc.aio.Server, gatekeeper: Gatekeeper) -> int:
-        s = self.settings
-        if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
-            raise ConfigError(
-                f"refusing to listen on non-loopback address {s.listen} without caller authentication: set "
-                "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
-            )
         try:
             if s.tls_enabled:
                 assert s.tls_cert_file is not None
@@ -209,12 +232,11 @@ class App:
         await server.start()
         self._stack.push_async_callback(server.stop, 0)
 
-    async def _watch_database(self) -> None:
+    async def _watch_database(self, store: LinkStore) -> None:
         """Readiness: the token service is SERVING only while the database answers; checked periodically."""
-        assert self._store is not None
         serving: bool | None = None
         while not self._stopping.is_set():
-            ok = await self._store.ping(timeout=min(self.settings.health_interval, 2.0))
+            ok = await store.ping(timeout=min(self.settings.health_interval, 2.0))
             if ok != serving and not self._stopping.is_set():
                 serving = ok
                 await self._health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
@@ -234,6 +256,19 @@ class App:
             await self._server.stop(self.settings.shutdown_grace)
         await self._stack.aclose()
         log.info("token-broker stopped")
+
+
+def _gatekeeper(s: Settings) -> Gatekeeper:
+    tokens = None
+    if s.caller_tokens_file is not None:
+        load_caller_tokens(s.caller_tokens_file)  # fail fast on a malformed file
+        tokens = CallerTokens(s.caller_tokens_file)
+    return CallerGate(
+        require_identity=s.authenticates_callers,
+        allowed=s.allowed_callers,
+        tokens=tokens,
+        max_concurrent=s.max_concurrent_per_caller,
+    )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -1,7 +1,11 @@
 """Caller authentication and authorisation for the token service, decided before any database access.
 
-Identities come from the client certificate (URI SANs such as SPIFFE IDs, and DNS SANs) or from a static bearer
-caller token listed in BROKER_CALLER_TOKENS_FILE as `name:sha256-hex`, compared in constant time.
+Every identity has a kind, and the allowlist names the kind too, so one kind can never stand in for another:
+- `uri:<URI SAN>` of the verified client certificate (a SPIFFE ID, say);
+- `dns:<DNS SAN>` of the verified client certificate;
+- `token:<name>` of a bearer caller token listed in BROKER_CALLER_TOKENS_FILE as `name:sha256-hex`, compared in
+  constant time.
+Other SAN kinds (email, IP) are not identities.
 No identity: UNAUTHENTICATED. An identity not in BROKER_ALLOWED_CALLERS: PERMISSION_DENIED.
 Over BROKER_MAX_CONCURRENT_PER_CALLER in-flight calls: RESOURCE_EXHAUSTED.
 """
@@ -13,19 +17,19 @@ import hmac
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from broker.errors import ConfigError
-from broker.interceptors import Gatekeeper
 
 log = logging.getLogger("broker.auth")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_SAN_KEY = "x509_subject_alternative_name"
+#: The auth-context properties gRPC core fills from a verified client certificate, by SAN kind.
+_SAN_KINDS = (("peer_uri", "uri"), ("peer_dns", "dns"))
 
 
 def load_caller_tokens(path: Path) -> dict[str, bytes]:
@@ -82,13 +86,15 @@ def _peer_host(peer: str) -> str:
 
 
 def certificate_identities(context: Any) -> list[str]:
-    """URI and DNS SANs of the verified client certificate (empty without mutual TLS)."""
+    """`uri:` and `dns:` identities from the verified client certificate's SANs (empty without mutual TLS)."""
     auth = context.auth_context() or {}
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(_SAN_KEY, [])]
+    return [
+        f"{kind}:{v.decode() if isinstance(v, bytes) else v}" for prop, kind in _SAN_KINDS for v in auth.get(prop, [])
+    ]
 
 
-class CallerGate(Gatekeeper):
-    """The Gatekeeper used in production."""
+class CallerGate:
+    """The Gatekeeper (broker.ports) used in production."""
 
     def __init__(
         self,
@@ -104,7 +110,7 @@ class CallerGate(Gatekeeper):
         self._max = max_concurrent
         self._inflight: Counter[str] = Counter()
 
-    async def admit(self, context: Any, metadata: tuple[tuple[str, Any], ...]) -> tuple[str | None, Callable[[], None]]:
+    async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
         identities = certificate_identities(context)
         bearer = next((str(v) for k, v in metadata if k == "authorization"), None)
         if bearer is not None and self._tokens is not None:
@@ -137,7 +143,6 @@ class CallerGate(Gatekeeper):
         if not self._allowed:
             return identities[0] if identities else None
         for identity in identities:
-            bare = identity.removeprefix("token:")
-            if identity in self._allowed or bare in self._allowed:
+            if identity in self._allowed:
                 return identity
         return None

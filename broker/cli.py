@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
 
 from broker import __version__, logs
-from broker.config import Settings
+from broker.config import DevSettings, Settings, client_target, process_environment
 from broker.errors import BrokerError
 
 log = logging.getLogger("broker.cli")
@@ -68,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    env = dict(os.environ if environ is None else environ)
+    env = process_environment() if environ is None else dict(environ)
     try:
         if args.command == "get":
             return asyncio.run(_get(args, env))
@@ -116,7 +114,7 @@ async def _migrate(settings: Settings) -> int:
 async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from broker.client import TokenBrokerClient
 
-    target = args.target or env.get("BROKER_LISTEN") or "127.0.0.1:50051"
+    target = args.target or client_target(env)
     async with TokenBrokerClient(target, timeout=args.timeout) as client:
         try:
             token = await client.get_oidc_access_token(args.user_id)
@@ -133,7 +131,7 @@ async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = args.target or env.get("BROKER_LISTEN") or "127.0.0.1:50051"
+    target = args.target or client_target(env)
     with grpc.insecure_channel(target) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
@@ -153,13 +151,13 @@ def _dev(env: dict[str, str]) -> int:
     from broker.migrate import migrate
 
     pg = None
-    if not env.get("BROKER_DATABASE_URL") and not env.get("BROKER_DATABASE_URL_FILE"):
+    dev = DevSettings.from_env(env)
+    if not dev.database_configured:
         from broker.devdb import EmbeddedPostgres
 
-        port = int(env.get("BROKER_DEV_DB_PORT", "54329"))
-        pg = EmbeddedPostgres(Path(env.get("BROKER_DEV_DATA", ".data")) / "postgres", port=port).start()
+        pg = EmbeddedPostgres(dev.data_dir / "postgres", port=dev.port).start()
         env["BROKER_MIGRATE_DATABASE_URL"] = pg.url()
-        env["BROKER_DATABASE_URL"] = pg.url(user=env.get("BROKER_DB_SERVICE_ROLE", "token_broker"))
+        env["BROKER_DATABASE_URL"] = pg.url(user=dev.service_role)
         log.info("embedded PostgreSQL started", extra={"port": pg.port, "datadir": str(pg.datadir)})
     try:
         settings = Settings.from_env(env)

@@ -7,6 +7,8 @@ files (`*_FILE`), so they need not sit in the environment.
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +16,13 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
-from broker.idp import check_url, is_loopback_host
+from broker.identities import parse_allowed
 from broker.model import Secret
+from broker.urls import check_url, is_loopback_host
 
 T = TypeVar("T")
+#: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
+ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 
@@ -84,7 +89,8 @@ class Settings:
     tls_client_ca_file: Path | None = None
     """BROKER_TLS_CLIENT_CA_FILE: require and verify client certificates issued by this CA (mutual TLS)."""
     allowed_callers: frozenset[str] = field(default_factory=frozenset)
-    """BROKER_ALLOWED_CALLERS: comma-separated URI/DNS SANs (client certs) or token names allowed to call."""
+    """BROKER_ALLOWED_CALLERS: comma-separated identities allowed to call, each with its kind: `uri:<URI SAN>`,
+    `dns:<DNS SAN>` (client certificates) or `token:<name>` (caller tokens); a bare `scheme://...` means `uri:`."""
     caller_tokens_file: Path | None = None
     """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
     allow_insecure: bool = False
@@ -182,6 +188,17 @@ class _Reader:
                 return None
         return Secret(direct) if direct else None
 
+    def callers(self, name: str) -> frozenset[str]:
+        allowed: set[str] = set()
+        for entry in (e.strip() for e in (self.raw(name) or "").split(",")):
+            if not entry:
+                continue
+            try:
+                allowed.add(parse_allowed(entry))
+            except ValueError as exc:
+                self.errors.append(f"{name}: {exc}")
+        return frozenset(allowed)
+
     def file(self, name: str) -> Path | None:
         text = self.raw(name)
         if text is None:
@@ -213,9 +230,9 @@ class _Reader:
         for label, dsn in (("BROKER_DATABASE_URL", database_url), ("BROKER_MIGRATE_DATABASE_URL", migrate_url)):
             if dsn is not None and urlsplit(dsn.reveal()).scheme not in ("postgres", "postgresql"):
                 self.errors.append(f"{label}: must be a postgresql:// URL")
-        role = self.raw("BROKER_DB_SERVICE_ROLE") or "token_broker"
-        if not role.replace("_", "a").isalnum() or role[0].isdigit() or len(role) > 63:
-            self.errors.append("BROKER_DB_SERVICE_ROLE: must be a plain role name (letters, digits, _)")
+        role = self.raw("BROKER_DB_SERVICE_ROLE") or _D.db_service_role
+        if not ROLE_NAME.fullmatch(role):
+            self.errors.append("BROKER_DB_SERVICE_ROLE: must be a plain role name (letters, digits, _, at most 63)")
         issuer = self.raw("BROKER_OIDC_ISSUER")
         token_url = self.raw("BROKER_OIDC_TOKEN_URL")
         for name, url in (("BROKER_OIDC_ISSUER", issuer), ("BROKER_OIDC_TOKEN_URL", token_url)):
@@ -227,12 +244,12 @@ class _Reader:
             self.errors.append("BROKER_OIDC_CLIENT_ID: required when an issuer or token URL is set")
         if client_id and not (issuer or token_url):
             self.errors.append("BROKER_OIDC_ISSUER or BROKER_OIDC_TOKEN_URL: required with BROKER_OIDC_CLIENT_ID")
-        auth_method = self.raw("BROKER_OIDC_AUTH_METHOD") or "client_secret_basic"
+        auth_method = self.raw("BROKER_OIDC_AUTH_METHOD") or _D.oidc_auth_method
         if auth_method not in AUTH_METHODS:
             self.errors.append(f"BROKER_OIDC_AUTH_METHOD: must be one of {', '.join(AUTH_METHODS)}")
         if client_id and client_secret is None:
             self.errors.append("BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE: required")
-        log_level = (self.raw("BROKER_LOG_LEVEL") or "INFO").upper()
+        log_level = (self.raw("BROKER_LOG_LEVEL") or _D.log_level).upper()
         if log_level not in LOG_LEVELS:
             self.errors.append(f"BROKER_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}")
         cert, key = self.file("BROKER_TLS_CERT_FILE"), self.file("BROKER_TLS_KEY_FILE")
@@ -241,48 +258,95 @@ class _Reader:
         client_ca = self.file("BROKER_TLS_CLIENT_CA_FILE")
         if client_ca is not None and cert is None:
             self.errors.append("BROKER_TLS_CLIENT_CA_FILE: requires BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE")
-        callers = frozenset(c.strip() for c in (self.raw("BROKER_ALLOWED_CALLERS") or "").split(",") if c.strip())
+        callers = self.callers("BROKER_ALLOWED_CALLERS")
         if client_ca is not None and not callers:
             self.errors.append("BROKER_ALLOWED_CALLERS: required with BROKER_TLS_CLIENT_CA_FILE (which SANs may call)")
         s = Settings(
             database_url=database_url,
             migrate_database_url=migrate_url,
             db_service_role=role,
-            db_pool_min=self.integer("BROKER_DB_POOL_MIN", 1, 0, 1000),
-            db_pool_max=self.integer("BROKER_DB_POOL_MAX", 10, 2, 1000),
-            listen=self.address("BROKER_LISTEN", "127.0.0.1:50051"),
-            metrics_listen=self.address("BROKER_METRICS_LISTEN", "127.0.0.1:9464", allow_empty=True),
+            db_pool_min=self.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
+            db_pool_max=self.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
+            listen=self.address("BROKER_LISTEN", _D.listen),
+            metrics_listen=self.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
             log_level=log_level,
-            request_timeout=self.seconds("BROKER_REQUEST_TIMEOUT", 10.0),
-            refresh_leeway=self.seconds("BROKER_REFRESH_LEEWAY", 600.0, allow_zero=True),
-            refresh_ahead=self.seconds("BROKER_REFRESH_AHEAD", 60.0, allow_zero=True),
-            refresh_lock_timeout=self.seconds("BROKER_REFRESH_LOCK_TIMEOUT", 8.0),
-            reauth_backoff=self.seconds("BROKER_REAUTH_BACKOFF", 60.0, allow_zero=True),
-            persist_retry_seconds=self.seconds("BROKER_PERSIST_RETRY_SECONDS", 30.0),
+            request_timeout=self.seconds("BROKER_REQUEST_TIMEOUT", _D.request_timeout),
+            refresh_leeway=self.seconds("BROKER_REFRESH_LEEWAY", _D.refresh_leeway, allow_zero=True),
+            refresh_ahead=self.seconds("BROKER_REFRESH_AHEAD", _D.refresh_ahead, allow_zero=True),
+            refresh_lock_timeout=self.seconds("BROKER_REFRESH_LOCK_TIMEOUT", _D.refresh_lock_timeout),
+            reauth_backoff=self.seconds("BROKER_REAUTH_BACKOFF", _D.reauth_backoff, allow_zero=True),
+            persist_retry_seconds=self.seconds("BROKER_PERSIST_RETRY_SECONDS", _D.persist_retry_seconds),
             oidc_issuer=issuer,
             oidc_token_url=token_url,
             oidc_client_id=client_id,
             oidc_client_secret=client_secret,
             oidc_auth_method=auth_method,
-            oidc_timeout=self.seconds("BROKER_OIDC_TIMEOUT", 5.0),
-            circuit_failures=self.integer("BROKER_CIRCUIT_FAILURES", 5, 1, 10_000),
-            circuit_open_seconds=self.seconds("BROKER_CIRCUIT_OPEN_SECONDS", 15.0),
-            health_interval=self.seconds("BROKER_HEALTH_INTERVAL", 5.0),
-            drain_delay=self.seconds("BROKER_DRAIN_DELAY", 0.0, allow_zero=True),
-            shutdown_grace=self.seconds("BROKER_SHUTDOWN_GRACE", 10.0, allow_zero=True),
+            oidc_timeout=self.seconds("BROKER_OIDC_TIMEOUT", _D.oidc_timeout),
+            circuit_failures=self.integer("BROKER_CIRCUIT_FAILURES", _D.circuit_failures, 1, 10_000),
+            circuit_open_seconds=self.seconds("BROKER_CIRCUIT_OPEN_SECONDS", _D.circuit_open_seconds),
+            health_interval=self.seconds("BROKER_HEALTH_INTERVAL", _D.health_interval),
+            drain_delay=self.seconds("BROKER_DRAIN_DELAY", _D.drain_delay, allow_zero=True),
+            shutdown_grace=self.seconds("BROKER_SHUTDOWN_GRACE", _D.shutdown_grace, allow_zero=True),
             tls_cert_file=cert,
             tls_key_file=key,
             tls_client_ca_file=client_ca,
             allowed_callers=callers,
             caller_tokens_file=self.file("BROKER_CALLER_TOKENS_FILE"),
-            allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", False),
-            max_concurrent_per_caller=self.integer("BROKER_MAX_CONCURRENT_PER_CALLER", 1024, 1, 100_000),
-            max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", 4096, 64, 1 << 20),
-            health_listen=self.address("BROKER_HEALTH_LISTEN", "", allow_empty=True),
+            allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
+            max_concurrent_per_caller=self.integer(
+                "BROKER_MAX_CONCURRENT_PER_CALLER", _D.max_concurrent_per_caller, 1, 100_000
+            ),
+            max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", _D.max_request_bytes, 64, 1 << 20),
+            health_listen=self.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
         )
+        if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
+            self.errors.append(
+                f"BROKER_LISTEN: refusing the non-loopback address {s.listen} without caller authentication: set "
+                "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
+            )
         if self.errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
         return s
+
+
+_D = Settings(database_url=None, migrate_database_url=None)  # the defaults, as written once in the dataclass
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment: the one place the package reads os.environ."""
+    return dict(os.environ)
+
+
+def client_target(environ: Mapping[str, str]) -> str:
+    """Where `token-broker get` and `health` connect by default: this broker's BROKER_LISTEN."""
+    return environ.get("BROKER_LISTEN") or _D.listen
+
+
+@dataclass(frozen=True)
+class DevSettings:
+    """`token-broker dev`: where the embedded PostgreSQL lives when no database is configured."""
+
+    database_configured: bool
+    """(make run only) BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE is set: no embedded PostgreSQL."""
+    port: int = 54329
+    """(make run only) BROKER_DEV_DB_PORT."""
+    data_dir: Path = Path(".data")
+    """(make run only) BROKER_DEV_DATA."""
+    service_role: str = _D.db_service_role
+    """BROKER_DB_SERVICE_ROLE."""
+
+    @staticmethod
+    def from_env(environ: Mapping[str, str]) -> DevSettings:
+        r = _Reader(environ)
+        dev = DevSettings(
+            database_configured=bool(r.raw("BROKER_DATABASE_URL") or r.raw("BROKER_DATABASE_URL_FILE")),
+            port=r.integer("BROKER_DEV_DB_PORT", 54329, 1, 65535),
+            data_dir=Path(r.raw("BROKER_DEV_DATA") or ".data"),
+            service_role=r.raw("BROKER_DB_SERVICE_ROLE") or _D.db_service_role,
+        )
+        if r.errors:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
+        return dev
 
 
 def _is_ip_or_name(host: str) -> bool:

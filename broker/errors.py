@@ -1,5 +1,17 @@
 """The broker's one error tree. Adapters translate driver and HTTP exceptions into it; the servicer maps it out.
 
+    BrokerError
+    ├── ConfigError              a bad setting; the message names every bad variable (exit 2)
+    ├── MigrationRefused         `migrate` found the database unsafe; the message says what to run
+    ├── StoreUnavailable         PostgreSQL failed, timed out or refused            -> STORE_UNAVAILABLE
+    ├── RefreshLockTimeout       another holder kept the per-link lock too long    -> IDP_UNAVAILABLE
+    ├── RefreshInFlight          a live holder elsewhere has this refresh token at the IdP -> IDP_UNAVAILABLE
+    ├── IdpNotConfigured         no IdP, so an expired token cannot be renewed      -> EXPIRED
+    ├── IdpRejected              invalid_grant (or invalid_client ...)              -> REAUTH_REQUIRED
+    └── IdpUnavailable           down, slow, 429/5xx, circuit open                  -> IDP_UNAVAILABLE
+        └── IdpOutcomeUnknown    the request may have reached the IdP and rotated the token (timeout after
+                                 sending, an unreadable 2xx): the in-flight marker is kept
+
 Messages never carry a token, a refresh token, a client secret or a DSN password.
 """
 
@@ -14,24 +26,40 @@ class ConfigError(BrokerError):
     """The configuration is invalid; the message names every bad variable."""
 
 
-class StoreUnavailable(BrokerError):
-    """The database failed: unreachable, timed out, or refused (including a missing elevation grant)."""
-
-
 class MigrationRefused(BrokerError):
     """`migrate` found the database unsafe or in a state it cannot fix; the message says what to do."""
+
+
+class StoreUnavailable(BrokerError):
+    """The database failed: unreachable, timed out, or refused (including a missing elevation grant)."""
 
 
 class RefreshLockTimeout(BrokerError):
     """Another holder kept the per-link refresh lock longer than the bounded wait. Not a credential failure."""
 
 
+class RefreshInFlight(BrokerError):
+    """A live holder (another replica, or this one before a restart of the flight) has sent this very refresh
+    token and has not written the answer yet; sending it again could revoke the grant."""
+
+
 class IdpUnavailable(BrokerError):
-    """The identity provider is unreachable, timed out, answered 5xx or garbage, or its circuit is open."""
+    """The identity provider is unreachable, timed out, answered 5xx/429 or garbage, or its circuit is open.
+
+    `retry_after` is the IdP's Retry-After in seconds, when it sent one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IdpOutcomeUnknown(IdpUnavailable):
+    """The refresh request may have been processed (and the refresh token rotated) although no usable answer
+    came back. Not the same as "not rotated": the in-flight marker stays."""
 
 
 class IdpRejected(BrokerError):
-    """The identity provider refused the refresh grant with an OAuth error such as invalid_grant."""
+    """The identity provider refused the refresh grant: invalid_grant, or invalid_client/unauthorized_client."""
 
     def __init__(self, error: str, description: str | None = None) -> None:
         super().__init__(f"identity provider rejected the refresh: {error}")

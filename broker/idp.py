@@ -1,4 +1,17 @@
-"""The OAuth2/OIDC adapter (authlib over httpx2): discovery, the refresh_token grant, and IdP errors translated.
+"""The OAuth2/OIDC adapter (authlib over httpx2): discovery, the refresh_token grant, and IdP answers classified.
+
+authlib prepares the grant and authenticates the client (client_secret_basic or _post); this module reads the HTTP
+answer itself, because what the broker must do depends on the status code as much as on the body:
+
+| answer                                            | raised                     | marker     |
+|---------------------------------------------------|----------------------------|------------|
+| 2xx with an access_token                          | (tokens returned)          | written    |
+| 2xx that cannot be read as a token response       | IdpOutcomeUnknown          | kept       |
+| 4xx `invalid_grant`                               | IdpRejected                | lifted     |
+| 4xx `invalid_client` / `unauthorized_client`      | IdpRejected, logged ERROR  | lifted     |
+| 429, 5xx, `temporarily_unavailable`, other errors | IdpUnavailable(retry_after)| lifted     |
+| connection refused / connect timeout              | IdpUnavailable             | lifted     |
+| timeout or broken connection after sending        | IdpOutcomeUnknown          | kept       |
 
 authlib prefers httpx2 and deprecates its plain-httpx fallback, so the broker depends on httpx2 deliberately.
 """
@@ -6,47 +19,61 @@ authlib prefers httpx2 and deprecates its plain-httpx fallback, so the broker de
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import email.utils
 import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
-from authlib.integrations.base_client import OAuthError
+from authlib.common.urls import url_decode
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
-from broker.errors import ConfigError, IdpRejected, IdpUnavailable
+from broker.errors import ConfigError, IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import RefreshedTokens, Secret
 from broker.policy import expiry_from_response
+from broker.urls import check_url
 
 log = logging.getLogger("broker.idp")
 
 DISCOVERY_TTL = 3600.0
+#: Retry-After values above this are capped: an IdP cannot silence the broker for longer than five minutes.
+MAX_RETRY_AFTER = 300.0
+#: Errors that mean "this refresh token (or this client) is refused"; every other OAuth error is an outage.
+REJECTIONS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+OPERATOR_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
+class _RawTokenClient(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
+    """authlib's client, returning the HTTP answer of the refresh grant unparsed (and keeping no token state)."""
+
+    async def _refresh_token(  # type: ignore[no-untyped-def]  # authlib's private signature
+        self, url, refresh_token=None, body="", headers=None, auth=None, **kwargs
+    ):
+        return await self.post(url, data=dict(url_decode(body)), headers=headers, auth=auth, **kwargs)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as delay-seconds or an HTTP-date, capped at MAX_RETRY_AFTER; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(name: str, url: str) -> str | None:
-    """An error message when `url` is not https (plain http is allowed only on loopback), else None."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return None
-    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+    if when.tzinfo is None:
         return None
-    return f"{name} must be an https URL (plain http only on loopback addresses)"
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delay, 0.0), MAX_RETRY_AFTER)
 
 
 class OidcRefresher:
-    """IdentityProvider on authlib's AsyncOAuth2Client; one HTTP connection pool for the process."""
+    """IdentityProvider on authlib's AsyncOAuth2Client; one HTTP connection pool for the process.
+
+    Every call, discovery included, is bounded by `timeout` as a whole."""
 
     def __init__(
         self,
@@ -70,7 +97,7 @@ class OidcRefresher:
         kwargs: dict[str, Any] = {"timeout": timeout}
         if transport is not None:
             kwargs["transport"] = transport
-        self._client = AsyncOAuth2Client(
+        self._client = _RawTokenClient(
             client_id=client_id,
             client_secret=client_secret.reveal(),
             token_endpoint_auth_method=auth_method,
@@ -81,7 +108,15 @@ class OidcRefresher:
         await self._client.aclose()
 
     async def token_endpoint(self) -> str:
-        """BROKER_OIDC_TOKEN_URL, else the issuer's discovery document (cached for an hour)."""
+        """BROKER_OIDC_TOKEN_URL, else the issuer's discovery document (cached for an hour). Bounded by the IdP
+        timeout as a whole, the wait for another caller's discovery included."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._token_endpoint()
+        except TimeoutError:
+            raise IdpUnavailable(f"OIDC discovery timed out after {self._timeout}s") from None
+
+    async def _token_endpoint(self) -> str:
         if self._static_token_url:
             return self._static_token_url
         if self._token_url and time.monotonic() - self._discovered_at < DISCOVERY_TTL:
@@ -104,28 +139,67 @@ class OidcRefresher:
             return endpoint
 
     async def refresh(self, refresh_token: Secret) -> RefreshedTokens:
+        started = time.monotonic()
         url = await self.token_endpoint()
+        remaining = self._timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise IdpUnavailable(f"identity provider timed out after {self._timeout}s")
         try:
-            async with asyncio.timeout(self._timeout):
-                body = await self._client.refresh_token(url, refresh_token=refresh_token.reveal())
-        except OAuthError as exc:
-            raise IdpRejected(str(exc.error or "oauth_error"), exc.description) from None
+            async with asyncio.timeout(remaining):
+                resp = await self._client.refresh_token(url, refresh_token=refresh_token.reveal())
         except TimeoutError:
-            raise IdpUnavailable(f"identity provider timed out after {self._timeout}s") from None
-        except httpx2.HTTPStatusError as exc:
-            raise IdpUnavailable(f"identity provider answered HTTP {exc.response.status_code}") from None
-        except httpx2.HTTPError as exc:
+            raise IdpOutcomeUnknown(f"identity provider timed out after {self._timeout}s") from None
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
             raise IdpUnavailable(f"identity provider unreachable: {type(exc).__name__}") from None
-        except ValueError:
-            raise IdpUnavailable("identity provider answered something that is not a token response") from None
-        access = body.get("access_token")
-        if not isinstance(access, str) or not access:
-            raise IdpUnavailable("identity provider answered without an access_token")
-        new_refresh = body.get("refresh_token")
-        if not isinstance(new_refresh, str) or not new_refresh:
-            new_refresh = refresh_token.reveal()  # no rotation: keep the old one
-        return RefreshedTokens(
-            access_token=Secret(access),
-            refresh_token=Secret(new_refresh),
-            expiry=expiry_from_response(body, datetime.now(UTC)),
-        )
+        except httpx2.HTTPError as exc:
+            raise IdpOutcomeUnknown(f"connection to the identity provider broke: {type(exc).__name__}") from None
+        return self._read_answer(resp, refresh_token)
+
+    def _read_answer(self, resp: httpx2.Response, sent: Secret) -> RefreshedTokens:
+        status = resp.status_code
+        if 200 <= status < 300:
+            return _tokens(resp, sent)
+        retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+        if status == 429 or status >= 500:
+            raise IdpUnavailable(f"identity provider answered HTTP {status}", retry_after=retry_after)
+        error = _oauth_error(resp)
+        if error in REJECTIONS:
+            if error in OPERATOR_ERRORS:
+                log.error(
+                    "identity provider refused the broker's client (%s): check BROKER_OIDC_CLIENT_ID, the client "
+                    "secret and BROKER_OIDC_AUTH_METHOD",
+                    error,
+                )
+            raise IdpRejected(error, None)
+        what = error or "no OAuth error"
+        raise IdpUnavailable(f"identity provider answered HTTP {status} ({what})", retry_after=retry_after)
+
+
+def _oauth_error(resp: httpx2.Response) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, str) and error.isascii() and len(error) <= 64 else None
+
+
+def _tokens(resp: httpx2.Response, sent: Secret) -> RefreshedTokens:
+    """A 2xx token response. Anything unreadable here may still have rotated the token: IdpOutcomeUnknown."""
+    try:
+        body = resp.json()
+    except ValueError:
+        raise IdpOutcomeUnknown("identity provider answered 2xx with something that is not JSON") from None
+    if not isinstance(body, dict):
+        raise IdpOutcomeUnknown("identity provider answered 2xx with JSON that is not an object")
+    access = body.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise IdpOutcomeUnknown("identity provider answered 2xx without an access_token")
+    new_refresh = body.get("refresh_token")
+    if not isinstance(new_refresh, str) or not new_refresh:
+        new_refresh = sent.reveal()  # no rotation: keep the one that was sent
+    return RefreshedTokens(
+        access_token=Secret(access),
+        refresh_token=Secret(new_refresh),
+        expiry=expiry_from_response(body, datetime.now(UTC)),
+    )

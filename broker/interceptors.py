@@ -7,57 +7,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from broker.calls import CallRecord, current_call
 from broker.metrics import Metrics
-from broker.model import TokenResult
+from broker.ports import Gatekeeper
 
 log = logging.getLogger("broker.access")
 audit_log = logging.getLogger("broker.audit")
-
-
-@dataclass(slots=True)
-class CallRecord:
-    """What the servicer learned about one call, for the interceptor's metrics and audit line."""
-
-    caller: str | None = None
-    user_id: str | None = None
-    result: TokenResult | None = None
-
-
-current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
-
-
-def record_result(user_id: str, result: TokenResult) -> None:
-    record = current_call.get()
-    if record is not None:
-        record.user_id = user_id
-        record.result = result
-
-
-class Gatekeeper:
-    """Decides whether a caller may call the token service; implemented in broker.auth."""
-
-    async def admit(
-        self, context: grpc.aio.ServicerContext[Any, Any], metadata: tuple[tuple[str, Any], ...]
-    ) -> tuple[str | None, Callable[[], None]]:
-        """Return (caller identity, release callback) or abort the RPC."""
-        return None, _noop
 
 
 def _noop() -> None:
     pass
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped (Any)
-    def __init__(self, metrics: Metrics, protected_service: str, gatekeeper: Gatekeeper | None = None) -> None:
+class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped (Any)
+    """Where every RPC enters: admits the caller (protected service only), counts it, writes its access or audit
+    line, and maps an unexpected exception to INTERNAL with a generic message. Each method's handler is wrapped
+    once, with its metric children bound up front."""
+
+    def __init__(self, metrics: Metrics, protected_service: str, gatekeeper: Gatekeeper) -> None:
         self._metrics = metrics
         self._protected = protected_service
-        self._gate = gatekeeper or Gatekeeper()
+        self._gate = gatekeeper
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(

@@ -26,7 +26,7 @@ from broker.model import TokenStatus
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REMAINING_BUCKETS = (0, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400)
-REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable")
+REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable", "outcome_unknown", "error")
 
 del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry's copies are not used
 

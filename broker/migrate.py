@@ -13,6 +13,7 @@ from importlib import resources
 
 import asyncpg
 
+from broker.config import ROLE_NAME
 from broker.errors import MigrationRefused, StoreUnavailable
 
 log = logging.getLogger("broker.migrate")
@@ -57,7 +58,7 @@ def _files() -> tuple[list[tuple[int, str, str]], list[tuple[str, str]]]:
 
 async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> MigrationReport:
     """Apply pending migrations with the admin DSN; return what was applied."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", service_role):
+    if not ROLE_NAME.fullmatch(service_role):
         raise ValueError(f"BROKER_DB_SERVICE_ROLE is not a valid role name: {service_role!r}")
     versioned, repeatable = _files()
     try:

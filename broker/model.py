@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 
@@ -56,7 +56,8 @@ class Link:
     expiry: datetime | None
     account: AccountState = AccountState.ACTIVE
     encrypted: bool = False  # tokens are dbcrypt ciphertext the broker cannot read
-    in_flight_seconds: float | None = None  # this refresh token was sent to the IdP this long ago, not yet written
+    marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
+    # its holder's last heartbeat. Only read under the refresh lock.
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,10 @@ class RefreshedTokens:
     access_token: Secret
     refresh_token: Secret
     expiry: datetime | None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class TokenStatus(enum.Enum):

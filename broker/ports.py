@@ -1,9 +1,10 @@
-"""The small interfaces the domain talks to. Adapters (store.py, idp.py, metrics.py) implement them."""
+"""The small interfaces the domain talks to. Adapters (store.py, idp.py, metrics.py, auth.py) implement them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from broker.model import Link, RefreshedTokens, Secret
@@ -19,11 +20,12 @@ class LockedLink(Protocol):
         ...
 
     async def mark_in_flight(self) -> None:
-        """Record, committed at once and visible to every replica, that the link's refresh token goes to the IdP."""
+        """Record, committed at once and visible to every replica, that the link's refresh token goes to the IdP
+        (taking over a dead holder's record for the same token)."""
         ...
 
     async def clear_in_flight(self) -> None:
-        """Lift that record after the IdP call failed (best effort)."""
+        """Lift that record (only the one for this link's refresh token) after the IdP said it did not rotate."""
         ...
 
 
@@ -32,13 +34,23 @@ class LinkStore(Protocol):
 
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None: ...
 
-    def lock_link(self, user_id: UUID, *, lock_timeout: float) -> AbstractAsyncContextManager[LockedLink]: ...
+    def lock_link(
+        self, user_id: UUID, *, lock_timeout: float, hold_timeout: float
+    ) -> AbstractAsyncContextManager[LockedLink]: ...
 
     async def save_refreshed(
         self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
     ) -> bool:
         """Write refreshed tokens outside any lock, only where the row still holds `previous_refresh` (or
         already holds the new one); True when the row holds the new tokens afterwards."""
+        ...
+
+    async def heartbeat(self, held: Sequence[tuple[UUID, Secret]], *, timeout: float) -> None:
+        """Mark these in-flight records (user id, refresh token sent) as held by a live process, now."""
+        ...
+
+    async def ping(self, *, timeout: float) -> bool:
+        """Whether the database answers (readiness)."""
         ...
 
 
@@ -79,3 +91,11 @@ class NullObserver:
 
     def circuit_state(self, state: int) -> None:
         pass
+
+
+class Gatekeeper(Protocol):
+    """Decides whether a caller may call the token service (implemented in broker.auth)."""
+
+    async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
+        """Return (caller identity, release callback) or abort the RPC."""
+        ...

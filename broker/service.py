@@ -9,7 +9,7 @@ from uuid import UUID
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.interceptors import record_result
+from broker.calls import record_result
 from broker.model import TokenResult, TokenStatus
 from broker.tokens import TokenService
 from broker.v1 import token_broker_pb2 as pb
@@ -52,6 +52,9 @@ def to_proto(result: TokenResult) -> pb.GetOIDCAccessTokenResponse:
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
+    """broker.v1.TokenBroker: validates the request, derives the budget from the caller's deadline (capped by
+    BROKER_REQUEST_TIMEOUT), asks the token service, and maps its result to the response."""
+
     def __init__(self, tokens: TokenService, request_timeout: float) -> None:
         self._tokens = tokens
         self._request_timeout = request_timeout

@@ -2,13 +2,18 @@
 
 Every statement runs through the broker's SECURITY DEFINER functions (owned by the elevated NOLOGIN role), so the
 service's login role needs no table privilege and a valid token costs one round trip.
+
+Every statement is bounded, the locked transaction's BEGIN, COMMIT and ROLLBACK included. A connection whose
+statement timed out is terminated, never returned to the pool: asyncpg would otherwise wait for a cancel request
+sent over the same (maybe silent) network path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 from uuid import UUID
@@ -17,7 +22,7 @@ import asyncpg
 
 from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.model import AccountState, Link, RefreshedTokens, Secret
-from broker.policy import ZERO_TIME, normalise_expiry
+from broker.policy import normalise_expiry
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
@@ -26,7 +31,8 @@ GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1)"
-ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1)"
+ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
+HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 PING = "SELECT 1"
 
 #: Errors that mean "the database failed", as opposed to a bug in our SQL.
@@ -39,6 +45,11 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def refresh_sha256(token: Secret) -> bytes:
+    """What the in-flight marker stores of a refresh token (the same digest as the SQL side computes)."""
+    return hashlib.sha256(token.reveal().encode()).digest()
+
+
 def _translate(exc: BaseException, what: str) -> StoreUnavailable:
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         # The grants or the elevation are missing: loud, because it is a deployment error, not an outage.
@@ -47,6 +58,8 @@ def _translate(exc: BaseException, what: str) -> StoreUnavailable:
     if isinstance(exc, asyncpg.UndefinedFunctionError):
         log.error("broker functions missing while %s: run `token-broker migrate`", what)
         return StoreUnavailable(f"schema not migrated while {what}")
+    if isinstance(exc, TimeoutError):
+        return StoreUnavailable(f"database timed out while {what}")
     return StoreUnavailable(f"database error while {what}: {type(exc).__name__}")
 
 
@@ -60,7 +73,7 @@ def _link(user_id: UUID, row: asyncpg.Record | None) -> Link | None:
         expiry=normalise_expiry(row["expiry"]),
         account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
         encrypted=row["access_key_id"] is not None or row["refresh_key_id"] is not None,
-        in_flight_seconds=row.get("in_flight_seconds", None),
+        marker_idle_seconds=row.get("marker_idle_seconds", None),
     )
 
 
@@ -68,60 +81,44 @@ PoolConnection = asyncpg.pool.PoolConnectionProxy  # what Pool.acquire() hands o
 
 
 class _Locked:
-    def __init__(
-        self, pool: asyncpg.Pool, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float
-    ) -> None:
-        self._pool = pool
+    """A LockedLink: the row lock held by the open transaction on `conn`."""
+
+    def __init__(self, store: PostgresStore, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float):
+        self._store = store
         self._conn = conn
         self._user_id = user_id
         self.link = link
         self._timeout = timeout
 
-    async def _autonomous(self, sql: str, what: str) -> None:
-        """Run on another connection and commit now, independent of the locked transaction."""
-        await _on_pool(self._pool, self._timeout, what, lambda other: other.execute(sql, self._user_id))
-
     async def mark_in_flight(self) -> None:
-        await self._autonomous(BEGIN_REFRESH, "marking the refresh in flight")
+        """Committed at once on another connection, independent of the locked transaction."""
+        uid = self._user_id
+        await self._store.run(self._timeout, "marking the refresh in flight", lambda c: c.execute(BEGIN_REFRESH, uid))
 
     async def clear_in_flight(self) -> None:
+        assert self.link is not None
+        args = (self._user_id, refresh_sha256(self.link.refresh_token))
         try:
-            await self._autonomous(ABANDON_REFRESH, "clearing the in-flight marker")
+            await self._store.run(
+                self._timeout, "clearing the in-flight marker", lambda c: c.execute(ABANDON_REFRESH, *args)
+            )
         except StoreUnavailable:
-            log.warning("in-flight marker not cleared; it expires by itself", extra={"user_id": str(self._user_id)})
+            log.warning("in-flight marker not cleared; it dies with its heartbeat", extra={"user_id": str(args[0])})
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
+        args = _store_args(self._user_id, self.link.refresh_token, tokens)
         try:
-            return bool(
-                await self._conn.fetchval(
-                    STORE_REFRESHED,
-                    *_store_args(self._user_id, self.link.refresh_token, tokens),
-                    timeout=self._timeout,
-                )
-            )
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._conn.fetchval(STORE_REFRESHED, *args))
         except _DB_ERRORS as exc:
             raise _translate(exc, "writing refreshed tokens") from None
 
 
-async def _on_pool(pool: asyncpg.Pool, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]]) -> T:
-    """One statement on a pooled connection; `timeout` bounds the pool wait too, not only the query."""
-    try:
-        async with asyncio.timeout(timeout):
-            async with pool.acquire() as conn:
-                return await op(conn)
-    except _DB_ERRORS as exc:
-        raise _translate(exc, what) from None
-
-
 def _store_args(user_id: UUID, previous: Secret, tokens: RefreshedTokens) -> tuple[Any, ...]:
-    return (
-        user_id,
-        previous.reveal(),
-        tokens.access_token.reveal(),
-        tokens.refresh_token.reveal(),
-        tokens.expiry or ZERO_TIME,
-    )
+    # No expiry is NULL, written by the SQL as the product's zero time: asyncpg would encode
+    # datetime(1, 1, 1, tzinfo=UTC) as '-infinity'.
+    return (user_id, previous.reveal(), tokens.access_token.reveal(), tokens.refresh_token.reveal(), tokens.expiry)
 
 
 class PostgresStore:
@@ -146,54 +143,87 @@ class PostgresStore:
         assert pool is not None
         return pool
 
+    async def run(self, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]]) -> T:
+        """One statement on a pooled connection; `timeout` bounds the pool wait and the statement together. A
+        connection whose statement timed out or failed at the transport is terminated, not reused."""
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._pool.acquire()
+        except _DB_ERRORS as exc:
+            raise _translate(exc, what) from None
+        broken = False
+        try:
+            async with asyncio.timeout(timeout):
+                return await op(conn)
+        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            broken = True
+            raise _translate(exc, what) from None
+        except asyncpg.PostgresError as exc:
+            raise _translate(exc, what) from None
+        finally:
+            await self._give_back(conn, broken)
+
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
-        row = await _on_pool(self._pool, timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id))
+        row = await self.run(timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id))
         return _link(user_id, row)
 
     @asynccontextmanager
-    async def lock_link(self, user_id: UUID, *, lock_timeout: float) -> AsyncIterator[_Locked]:
-        """Hold the row lock on the user's oidc link for the block; commit on clean exit, else roll back."""
+    async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[_Locked]:
+        """Hold the row lock on the user's oidc link for the block; commit on clean exit, else roll back.
+
+        `lock_timeout` bounds the wait for the lock (and each statement); `hold_timeout` is how long the
+        transaction may stay open, enforced by the server too (idle_in_transaction_session_timeout)."""
         try:
-            conn = await self._pool.acquire(timeout=lock_timeout)
+            async with asyncio.timeout(lock_timeout):
+                conn = await self._pool.acquire()
         except _DB_ERRORS as exc:
             raise _translate(exc, "acquiring a connection for the refresh lock") from None
+        broken = True  # until the transaction ended cleanly
+        statement = lock_timeout + 1
         try:
             tx = conn.transaction()
             try:
-                await tx.start()
-                await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
-                row = await conn.fetchrow(LOCK_LINK, user_id, timeout=lock_timeout + 1)
+                async with asyncio.timeout(statement):
+                    await tx.start()
+                    await conn.execute(
+                        f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
+                        f" SET LOCAL statement_timeout = '{int(statement * 1000)}ms';"
+                        f" SET LOCAL idle_in_transaction_session_timeout = '{int(hold_timeout * 1000)}ms'"
+                    )
+                    row = await conn.fetchrow(LOCK_LINK, user_id)
             except asyncpg.LockNotAvailableError:
-                await _rollback_quietly(tx)
+                broken = not await _rollback(tx, statement)
                 raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
             except _DB_ERRORS as exc:
-                await _rollback_quietly(tx)
                 raise _translate(exc, "taking the refresh lock") from None
             try:
-                yield _Locked(self._pool, conn, user_id, _link(user_id, row), lock_timeout + 1)
+                yield _Locked(self, conn, user_id, _link(user_id, row), statement)
             except BaseException:
-                await _rollback_quietly(tx)
+                broken = not await _rollback(tx, statement)
                 raise
             try:
-                await tx.commit()
+                async with asyncio.timeout(statement):
+                    await tx.commit()
             except _DB_ERRORS as exc:
                 raise _translate(exc, "committing refreshed tokens") from None
+            broken = False
         finally:
-            await _release_quietly(self._pool, conn)
+            await self._give_back(conn, broken)
 
     async def save_refreshed(
         self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
     ) -> bool:
         args = _store_args(user_id, previous_refresh, tokens)
-        return bool(
-            await _on_pool(
-                self._pool, timeout, "writing refreshed tokens", lambda conn: conn.fetchval(STORE_REFRESHED, *args)
-            )
-        )
+        return bool(await self.run(timeout, "writing refreshed tokens", lambda c: c.fetchval(STORE_REFRESHED, *args)))
+
+    async def heartbeat(self, held: Sequence[tuple[UUID, Secret]], *, timeout: float) -> None:
+        ids = [uid for uid, _ in held]
+        hashes = [refresh_sha256(token) for _, token in held]
+        await self.run(timeout, "refreshing in-flight heartbeats", lambda c: c.execute(HEARTBEAT, ids, hashes))
 
     async def ping(self, *, timeout: float) -> bool:
         try:
-            await _on_pool(self._pool, timeout, "checking readiness", lambda conn: conn.fetchval(PING))
+            await self.run(timeout, "checking readiness", lambda conn: conn.fetchval(PING))
         except StoreUnavailable:
             return False
         return True
@@ -203,6 +233,19 @@ class PostgresStore:
         size = self._pool.get_size()
         return size, size - self._pool.get_idle_size()
 
+    async def _give_back(self, conn: PoolConnection, broken: bool) -> None:
+        """Return a connection to the pool; a broken one is terminated first (it is never reused). Errors of the
+        release itself are swallowed here: they must not replace the error that is on its way to the caller."""
+        if broken:
+            with suppress(Exception):
+                conn.terminate()
+        try:
+            async with asyncio.timeout(1.0):
+                await self._pool.release(conn)
+        except Exception:
+            with suppress(Exception):
+                conn.terminate()
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to undo. The broker keeps no session state (no session advisory locks, LISTEN,
@@ -210,13 +253,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     first. asyncpg's default reset query would cost a second round trip on every request."""
 
 
-async def _rollback_quietly(tx: asyncpg.transaction.Transaction) -> None:
-    with suppress(*_DB_ERRORS):
-        await tx.rollback()
-
-
-async def _release_quietly(pool: asyncpg.Pool, conn: PoolConnection) -> None:
+async def _rollback(tx: asyncpg.transaction.Transaction, timeout: float) -> bool:
+    """Roll back within `timeout`; False when that failed (the connection must then not be reused)."""
     try:
-        await pool.release(conn, timeout=5)
+        async with asyncio.timeout(timeout):
+            await tx.rollback()
     except _DB_ERRORS:
-        conn.terminate()
+        return False
+    return True

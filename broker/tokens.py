@@ -3,46 +3,69 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
 from broker.errors import StoreUnavailable
-from broker.model import AccountState, TokenResult, TokenStatus
+from broker.model import AccountState, TokenResult, TokenStatus, utcnow
 from broker.policy import Decision, decide
 from broker.ports import LinkStore
-from broker.refresher import Refresher, utcnow
+from broker.refresh import Refresher, RefreshSettings
+from broker.refresh.writeback import WriteBack
 
 log = logging.getLogger("broker.tokens")
 
 
+class Lifetimes:
+    """The access-token lifetime this process last saw the IdP grant each user (bounded), for the leeway cap when
+    the token itself does not say (an opaque token has no iat/exp)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._seen: dict[UUID, timedelta] = {}
+
+    def note(self, user_id: UUID, result: TokenResult, now: datetime) -> None:
+        if not result.refreshed or result.expiry is None or result.expiry <= now:
+            return
+        if len(self._seen) >= self._limit:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[user_id] = result.expiry - now
+
+    def get(self, user_id: UUID) -> timedelta | None:
+        return self._seen.get(user_id)
+
+
 class TokenService:
-    """Reads the link (one database round trip), decides, and serves or refreshes."""
+    """Reads the link (one database round trip), decides, and serves or refreshes; the whole within one budget."""
 
     def __init__(
         self,
         store: LinkStore,
         refresher: Refresher,
+        writeback: WriteBack,
+        settings: RefreshSettings,
         *,
-        leeway: timedelta,
-        refresh_ahead: timedelta,
-        idp_configured: bool,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._store = store
         self._refresher = refresher
-        self._leeway = leeway
-        self._ahead = refresh_ahead
-        self._idp_configured = idp_configured
+        self._writeback = writeback
+        self._leeway = settings.leeway
+        self._ahead = settings.refresh_ahead
         self._clock = clock
+        self._lifetimes = Lifetimes()
 
     async def get_token(self, user_id: UUID, budget: float) -> TokenResult:
+        deadline = time.monotonic() + budget
         try:
             link = await self._store.get_link(user_id, timeout=budget)
         except StoreUnavailable as exc:
-            pending = self._refresher.pending_result(user_id)
-            if pending is not None:
-                return pending
+            pending = self._writeback.pending(user_id)
+            served = self._writeback.serve(pending) if pending is not None else None
+            if served is not None:
+                return served
             log.warning("store unavailable: %s", exc, extra={"user_id": str(user_id)})
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
         if link is None:
@@ -54,14 +77,19 @@ class TokenService:
                 "link tokens are encrypted (dbcrypt); the broker cannot decrypt them", extra={"user_id": str(user_id)}
             )
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
+        if self._writeback.reconcile(link) is not None:
+            # This process holds rotated tokens the row does not have yet: the refresher serves or lands them.
+            return await self._refresher.refresh(link, deadline)
 
-        decision = decide(link, self._clock(), self._leeway, self._ahead)
+        now = self._clock()
+        decision = decide(link, now, self._leeway, self._ahead, self._lifetimes.get(user_id))
         if decision is Decision.SERVE:
             return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
         if decision is Decision.EXPIRED:
             return TokenResult.empty(TokenStatus.EXPIRED)
         if decision is Decision.SERVE_AND_REFRESH_AHEAD:
-            if self._idp_configured:
-                self._refresher.refresh_ahead(link)
+            self._refresher.refresh_ahead(link)
             return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
-        return await self._refresher.refresh(link, budget)
+        result = await self._refresher.refresh(link, deadline)
+        self._lifetimes.note(user_id, result, self._clock())
+        return result

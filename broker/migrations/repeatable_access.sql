@@ -34,6 +34,10 @@ BEGIN
             USING HINT = 'The service role must be a plain login role that owns nothing of the database.';
     END IF;
     EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA token_broker TO %I', svc);
+    -- A session of the service role that leaves a transaction open (a lock on a product row) or runs away is ended
+    -- by the server. The broker's own refresh transaction sets tighter values with SET LOCAL.
+    EXECUTE pg_catalog.format('ALTER ROLE %I SET idle_in_transaction_session_timeout = %L', svc, '60s');
+    EXECUTE pg_catalog.format('ALTER ROLE %I SET statement_timeout = %L', svc, '30s');
 
     -- The elevated role: only the columns the broker needs; update only tokens, key ids and expiry.
     REVOKE ALL ON public.user_links FROM token_broker_elevated;
@@ -78,24 +82,26 @@ BEGIN
               AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
         $body$ $f$, account_expr, account_join);
 
-    -- Versions before 0002 returned no in_flight_seconds; CREATE OR REPLACE cannot change a return type.
+    -- Older versions returned no (or another) marker column; CREATE OR REPLACE cannot change a return type.
     IF pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)') IS NOT NULL
        AND pg_catalog.pg_get_function_result(pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)'))
-           OPERATOR(pg_catalog.!~~) '%in_flight_seconds%'
+           OPERATOR(pg_catalog.!~~) '%marker_idle_seconds%'
     THEN
         DROP FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid);
     END IF;
+    -- Before 0003 the marker was lifted by user id alone, which could lift another holder's marker.
+    DROP FUNCTION IF EXISTS token_broker.abandon_refresh(pg_catalog.uuid);
     EXECUTE pg_catalog.format($f$
         CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link(p_user_id pg_catalog.uuid)
         RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
                        access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
-                       account_disabled pg_catalog.bool, in_flight_seconds pg_catalog.float8)
+                       account_disabled pg_catalog.bool, marker_idle_seconds pg_catalog.float8)
         LANGUAGE sql VOLATILE SECURITY DEFINER
         SET search_path = pg_catalog, pg_temp
         AS $body$
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
                    l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
-                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.started_at)
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.heartbeat_at)
             FROM public.user_links l %s
             LEFT JOIN token_broker.refresh_in_flight f
               ON f.user_id OPERATOR(pg_catalog.=) l.user_id
@@ -107,30 +113,49 @@ BEGIN
         $body$ $f$, account_expr, account_join);
 
     -- Marks the link's current refresh token as sent to the IdP; committed on its own connection, before the call.
+    -- Also how a replica takes over the marker of a holder that is gone: the heartbeat starts again, as its own.
     CREATE OR REPLACE FUNCTION token_broker.begin_refresh(p_user_id pg_catalog.uuid)
     RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $body$
-        INSERT INTO token_broker.refresh_in_flight (user_id, refresh_sha256, started_at)
+        INSERT INTO token_broker.refresh_in_flight (user_id, refresh_sha256, started_at, heartbeat_at)
         SELECT user_id, pg_catalog.sha256(pg_catalog.convert_to(oauth_refresh_token, 'UTF8')),
-               pg_catalog.clock_timestamp()
+               pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp()
         FROM public.user_links
         WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
         ON CONFLICT (user_id) DO UPDATE
-            SET refresh_sha256 = EXCLUDED.refresh_sha256, started_at = EXCLUDED.started_at
+            SET refresh_sha256 = EXCLUDED.refresh_sha256, started_at = EXCLUDED.started_at,
+                heartbeat_at = EXCLUDED.heartbeat_at
     $body$;
 
-    -- The IdP call failed: the refresh token was not (or not knowably) rotated; lift the marker.
-    CREATE OR REPLACE FUNCTION token_broker.abandon_refresh(p_user_id pg_catalog.uuid)
+    -- The holder is alive: one statement per tick for every marker this process holds.
+    CREATE OR REPLACE FUNCTION token_broker.heartbeat_refresh(p_user_ids pg_catalog.uuid[],
+                                                              p_refresh_sha256 pg_catalog.bytea[])
     RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $body$
-        DELETE FROM token_broker.refresh_in_flight WHERE user_id OPERATOR(pg_catalog.=) p_user_id
+        UPDATE token_broker.refresh_in_flight f SET heartbeat_at = pg_catalog.clock_timestamp()
+        FROM ROWS FROM (pg_catalog.unnest(p_user_ids), pg_catalog.unnest(p_refresh_sha256)) AS h(user_id, refresh_sha256)
+        WHERE f.user_id OPERATOR(pg_catalog.=) h.user_id
+          AND f.refresh_sha256 OPERATOR(pg_catalog.=) h.refresh_sha256
+    $body$;
+
+    -- The IdP call failed without rotating: lift this holder's marker (never another one's).
+    CREATE OR REPLACE FUNCTION token_broker.abandon_refresh(p_user_id pg_catalog.uuid,
+                                                            p_refresh_sha256 pg_catalog.bytea)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        DELETE FROM token_broker.refresh_in_flight
+        WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND refresh_sha256 OPERATOR(pg_catalog.=) p_refresh_sha256
     $body$;
 
     -- Compare-and-set: writes only over the refresh token that was sent (or the new one, for an idempotent retry).
+    -- The marker goes only with a write that happened, and only the marker of the token that was sent.
+    -- A NULL expiry is the product's zero time ("never expires"), written as the product writes it.
     -- public is on this function's path (after pg_catalog) only for the product's trigger, which reads `users`.
     CREATE OR REPLACE FUNCTION token_broker.store_refreshed(
         p_user_id pg_catalog.uuid, p_expected_refresh pg_catalog.text, p_access pg_catalog.text,
@@ -139,13 +164,11 @@ BEGIN
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public, pg_temp
     AS $body$
-        WITH done AS (
-            DELETE FROM token_broker.refresh_in_flight WHERE user_id OPERATOR(pg_catalog.=) p_user_id
-        ), updated AS (
+        WITH updated AS (
             UPDATE public.user_links
             SET oauth_access_token = p_access,
                 oauth_refresh_token = p_refresh,
-                oauth_expiry = p_expiry,
+                oauth_expiry = COALESCE(p_expiry, '0001-01-01 00:00:00+00'::pg_catalog.timestamptz),
                 oauth_access_token_key_id = NULL,
                 oauth_refresh_token_key_id = NULL
             WHERE user_id OPERATOR(pg_catalog.=) p_user_id
@@ -153,6 +176,12 @@ BEGIN
               AND (oauth_refresh_token OPERATOR(pg_catalog.=) p_expected_refresh
                    OR oauth_refresh_token OPERATOR(pg_catalog.=) p_refresh)
             RETURNING 1
+        ), done AS (
+            DELETE FROM token_broker.refresh_in_flight
+            WHERE user_id OPERATOR(pg_catalog.=) p_user_id
+              AND refresh_sha256 OPERATOR(pg_catalog.=)
+                  pg_catalog.sha256(pg_catalog.convert_to(p_expected_refresh, 'UTF8'))
+              AND EXISTS (SELECT 1 FROM updated)
         )
         SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM updated
     $body$;
@@ -162,7 +191,8 @@ BEGIN
     ALTER FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text, pg_catalog.text,
                                                 pg_catalog.timestamptz) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.begin_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) OWNER TO token_broker_elevated;
     REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
 
     REVOKE ALL ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) FROM PUBLIC;
@@ -170,9 +200,13 @@ BEGIN
     REVOKE ALL ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
                                                         pg_catalog.text, pg_catalog.timestamptz) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) FROM PUBLIC;
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) TO %I', svc);
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) TO %I', svc);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format(

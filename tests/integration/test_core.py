@@ -11,7 +11,7 @@ import pytest
 
 from broker.devdb import free_port
 from broker.v1 import token_broker_pb2 as pb
-from tests.support.broker import broker_env, running_broker
+from tests.support.broker import broker_env, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -179,7 +179,7 @@ async def test_hanging_idp_is_idp_unavailable_within_the_timeout(db: Database, i
     uid = uuid.uuid4()
     await db.insert_link(uid, "a-old", "r-old", now() - timedelta(minutes=1))
     async with running_broker(broker_env(db, idp, BROKER_OIDC_TIMEOUT="0.5")) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]  # discovery before the fault
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=3000)
         started = time.monotonic()
         r = await b.get(uid)

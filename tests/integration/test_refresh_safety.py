@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
+from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import BrokerProcess, broker_env, running_broker
+from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -138,7 +142,7 @@ async def test_many_users_expired_at_once_get_one_refresh_each(db: Database, idp
 async def test_cancelled_caller_does_not_cancel_the_refresh(db: Database, idp: OidcTestProvider) -> None:
     uid, old = await expired_user(db, idp)
     async with running_broker(broker_env(db, idp)) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]  # discovery before the fault
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=800)
         before = idp.stats()
         call = b.stub.GetOIDCAccessToken(pb.GetOIDCAccessTokenRequest(user_id=str(uid)), timeout=10)
@@ -166,7 +170,7 @@ async def test_cancelled_caller_does_not_cancel_the_refresh(db: Database, idp: O
 async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcTestProvider) -> None:
     uid, _old = await expired_user(db, idp)
     async with running_broker(broker_env(db, idp)) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=700)
         before = idp.stats()
         call = asyncio.create_task(b.get(uid))
@@ -187,7 +191,7 @@ async def test_write_back_survives_a_dropped_connection(db: Database, idp: OidcT
 async def test_write_back_is_retried_while_the_database_is_unreachable(db: Database, idp: OidcTestProvider) -> None:
     uid, _ = await expired_user(db, idp)
     async with running_broker(broker_env(db, idp, BROKER_PERSIST_RETRY_SECONDS="20")) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=600)
         call = asyncio.create_task(b.get(uid))
         await asyncio.sleep(0.3)
@@ -195,7 +199,7 @@ async def test_write_back_is_retried_while_the_database_is_unreachable(db: Datab
         r = await call
         idp.set_fault("ok")
         assert r.status == pb.TOKEN_STATUS_REFRESHED
-        assert b.app._refresher.unpersisted == 1  # type: ignore[union-attr]
+        assert b.sample("token_broker_refresh_unpersisted") == 1
         # While the database is down, this process keeps serving the refreshed token from memory.
         during = await b.get(uid)
         assert during.access_token == r.access_token
@@ -210,7 +214,7 @@ async def test_idp_slower_than_the_lock_wait_starts_no_second_refresh(db: Databa
     env = broker_env(db, idp, BROKER_REFRESH_LOCK_TIMEOUT="0.5", BROKER_OIDC_TIMEOUT="5")
     async with running_broker(env) as a, running_broker(env) as b:  # two replicas: separate pools and refreshers
         for r in (a, b):
-            await r.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+            await warm_discovery(r)  # discovery before the fault
         idp.set_fault("ok", delay_ms=2000)
         before = idp.stats()
         first = asyncio.create_task(a.get(uid))
@@ -235,7 +239,7 @@ async def test_lock_timeout_serves_a_still_valid_token(db: Database, idp: OidcTe
     env = broker_env(db, idp, BROKER_REFRESH_LOCK_TIMEOUT="0.3", BROKER_REFRESH_AHEAD="0")
     async with running_broker(env) as a, running_broker(env) as b:
         for r in (a, b):
-            await r.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+            await warm_discovery(r)  # discovery before the fault
         idp.set_fault("ok", delay_ms=1500)
         first = asyncio.create_task(a.get(uid))
         await asyncio.sleep(0.3)
@@ -267,48 +271,48 @@ async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(db: D
     uid = uuid.uuid4()
     issued = await idp.login(f"user-{uid}")
     await db.insert_link(uid, "dead-access", "dead-refresh", past())
-    async with running_broker(broker_env(db, idp)) as b:
-        store = b.app._store
-        assert store is not None
-        original = store.lock_link
 
-        def swap_then_lock(user_id: uuid.UUID, *, lock_timeout: float):  # type: ignore[no-untyped-def]
-            async def rotate() -> None:
-                await db.execute(
-                    "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3,"
-                    " oauth_expiry = now() + interval '1 hour' WHERE user_id = $1",
-                    uid,
-                    issued.access_token,
-                    issued.refresh_token,
-                )
+    async def rotate() -> None:
+        await db.execute(
+            "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3,"
+            " oauth_expiry = now() + interval '1 hour' WHERE user_id = $1",
+            uid,
+            issued.access_token,
+            issued.refresh_token,
+        )
 
-            return _AfterExit(original(user_id, lock_timeout=lock_timeout), rotate)
-
-        store.lock_link = swap_then_lock  # type: ignore[method-assign]
-        r = await b.get(uid)
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    try:
+        store = RotatesAfterTheLock(PostgresStore(pool), rotate)
+        async with running_broker(broker_env(db, idp), store=store) as b:
+            r = await b.get(uid)
+    finally:
+        await pool.close()
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, issued.access_token)
 
 
-class _AfterExit:
-    """Wraps the lock context; runs `hook` after the lock is released (simulates another writer)."""
+class RotatesAfterTheLock:
+    """A LinkStore whose lock runs `hook` right after the lock is released (another writer, on cue)."""
 
-    def __init__(self, inner, hook) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, inner: PostgresStore, hook: Callable[[], Awaitable[None]]) -> None:
         self.inner, self.hook = inner, hook
+        self.get_link, self.save_refreshed = inner.get_link, inner.save_refreshed
+        self.heartbeat, self.ping = inner.heartbeat, inner.ping
 
-    async def __aenter__(self):  # type: ignore[no-untyped-def]
-        return await self.inner.__aenter__()
-
-    async def __aexit__(self, *exc):  # type: ignore[no-untyped-def]
-        out = await self.inner.__aexit__(*exc)
-        await self.hook()
-        return out
+    @asynccontextmanager
+    async def lock_link(self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[Any]:
+        try:
+            async with self.inner.lock_link(user_id, lock_timeout=lock_timeout, hold_timeout=hold_timeout) as locked:
+                yield locked
+        finally:
+            await self.hook()
 
 
 async def test_idp_outage_opens_the_circuit_and_recovers(db: Database, idp: OidcTestProvider) -> None:
     users = [await expired_user(db, idp) for _ in range(5)]
     env = broker_env(db, idp, BROKER_OIDC_TIMEOUT="0.4", BROKER_CIRCUIT_FAILURES="3", BROKER_CIRCUIT_OPEN_SECONDS="1.5")
     async with running_broker(env) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=5000)  # hangs: each call waits out the IdP timeout
         timings = []
         for uid, _ in users[:3]:
@@ -336,7 +340,7 @@ async def test_hot_user_is_refreshed_ahead_without_waiting(db: Database, idp: Oi
     issued = await idp.login(f"user-{uid}")
     await db.insert_link(uid, issued.access_token, issued.refresh_token, datetime.now(UTC) + timedelta(seconds=630))
     async with running_broker(broker_env(db, idp, BROKER_REFRESH_AHEAD="60")) as b:
-        await b.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+        await warm_discovery(b)  # discovery before the fault
         idp.set_fault("ok", delay_ms=500)
         started = time.monotonic()
         r = await b.get(uid)
@@ -373,7 +377,7 @@ async def test_replica_waiting_on_the_lock_does_not_resend_a_token_whose_holder_
     env = broker_env(db, idp)
     async with running_broker(env) as a, running_broker(env) as b:
         for r in (a, b):
-            await r.app._refresher._idp.token_endpoint()  # type: ignore[union-attr]
+            await warm_discovery(r)  # discovery before the fault
         idp.set_fault("ok", delay_ms=800)
         before = idp.stats()
         first = asyncio.create_task(a.get(uid))
@@ -410,5 +414,5 @@ async def test_migrate_upgrades_the_lock_function_of_an_older_install(db: Databa
         " FROM pg_proc WHERE oid = 'token_broker.lock_oidc_link(uuid)'::regprocedure"
     )
     assert row is not None
-    assert "in_flight_seconds" in row["result"]
+    assert "marker_idle_seconds" in row["result"]
     assert row["prosecdef"] is True

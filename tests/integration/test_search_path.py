@@ -82,7 +82,7 @@ async def test_planted_operator_never_runs_as_the_elevated_role(product_db: Data
             "SELECT token_broker.store_refreshed($1, 'oidc-refresh', 'new-access', 'new-refresh', now())", uid
         )
         assert stored is True
-        await conn.execute("SELECT token_broker.abandon_refresh($1)", uid)
+        await conn.execute("SELECT token_broker.abandon_refresh($1, sha256('new-refresh'))", uid)
     finally:
         await conn.close()
     assert await _who_ran(product_db) == []

@@ -40,6 +40,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | bytes]:
     ca.issue("worker", uris=[WORKER]).write(d, "worker")
     ca.issue("dns-worker", dns=["mcp-gateway.chat.svc.cluster.local"]).write(d, "dns-worker")
     ca.issue("stranger", uris=[STRANGER]).write(d, "stranger")
+    # The review's forgeries: a DNS SAN that equals an allowed token name, a URI SAN spelled like a token identity.
+    ca.issue("dns-named-like-a-token", dns=["chat-worker"]).write(d, "dns-token-name")
+    ca.issue("uri-token-forgery", uris=["token:chat-worker"]).write(d, "uri-token")
     other.issue("imposter", uris=[WORKER]).write(d, "imposter")
     return {"dir": d, "ca": ca.pem, "other_ca": other.pem}
 
@@ -67,7 +70,7 @@ async def tls_broker(db: Database, pki: dict[str, Path | bytes], **env: str) -> 
         BROKER_TLS_CERT_FILE=str(d / "server.crt"),
         BROKER_TLS_KEY_FILE=str(d / "server.key"),
         BROKER_TLS_CLIENT_CA_FILE=str(d / "ca.crt"),
-        BROKER_ALLOWED_CALLERS=f"{WORKER},mcp-gateway.chat.svc.cluster.local",
+        BROKER_ALLOWED_CALLERS=f"{WORKER},dns:mcp-gateway.chat.svc.cluster.local",
         BROKER_HEALTH_LISTEN="127.0.0.1:0",
     )
     full.update(env)
@@ -133,6 +136,34 @@ async def test_valid_certificate_with_a_san_not_allowed_is_permission_denied(
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize("client", ["dns-token-name", "uri-token"])
+async def test_a_certificate_cannot_pass_for_a_caller_token(
+    db: Database, pki: dict[str, Path | bytes], tokens_file: Path, client: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Identity kinds are distinct: `token:chat-worker` is allowed, and neither a DNS SAN `chat-worker` nor a URI
+    SAN `token:chat-worker` is that identity (nor can it forge the audit line)."""
+    uid = await _seed(db)
+    allowed = f"{WORKER},token:chat-worker"
+    with caplog.at_level(logging.INFO, logger="broker.audit"):
+        async with tls_broker(db, pki, BROKER_ALLOWED_CALLERS=allowed, BROKER_CALLER_TOKENS_FILE=str(tokens_file)) as a:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _call(a.port, _creds(pki, client), uid)
+            ok = await _call(a.port, _creds(pki, "worker"), uid, token="worker-secret-token")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ok.access_token == "mtls-token"
+    callers = [getattr(r, "caller", None) for r in caplog.records if r.name == "broker.audit"]
+    assert callers == [None, f"uri:{WORKER}"]
+
+
+def test_an_allowlist_entry_without_a_kind_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'chat-worker' has no kind: write dns:chat-worker .* token:chat-worker"):
+        Settings.from_env({"BROKER_DATABASE_URL": "postgresql://x@h/d", "BROKER_ALLOWED_CALLERS": "chat-worker"})
+    s = Settings.from_env(
+        {"BROKER_DATABASE_URL": "postgresql://x@h/d", "BROKER_ALLOWED_CALLERS": f"{WORKER}, dns:a.example, token:b"}
+    )
+    assert s.allowed_callers == {f"uri:{WORKER}", "dns:a.example", "token:b"}
+
+
 async def test_plaintext_client_cannot_talk_to_a_tls_port(db: Database, pki: dict[str, Path | bytes]) -> None:
     async with tls_broker(db, pki) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -193,7 +224,7 @@ def tokens_file(tmp_path: Path) -> Path:
 )
 async def test_caller_tokens(db: Database, tokens_file: Path, token: str | None, code: grpc.StatusCode | None) -> None:
     uid = await _seed(db)
-    env = broker_env(db, BROKER_CALLER_TOKENS_FILE=str(tokens_file), BROKER_ALLOWED_CALLERS="chat-worker")
+    env = broker_env(db, BROKER_CALLER_TOKENS_FILE=str(tokens_file), BROKER_ALLOWED_CALLERS="token:chat-worker")
     async with running_broker(env) as b:
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         call = b.stub.GetOIDCAccessToken(pb.GetOIDCAccessTokenRequest(user_id=str(uid)), timeout=3, metadata=metadata)

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.app import App
 from broker.config import Settings
 from broker.devdb import free_port
+from broker.idp import OidcRefresher
+from broker.ports import IdentityProvider, LinkStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.idp import CLIENT_ID, CLIENT_SECRET, OidcTestProvider
@@ -71,9 +73,17 @@ class RunningBroker:
         return 0.0
 
 
+async def warm_discovery(b: RunningBroker) -> None:
+    """Run OIDC discovery now, so that a fault injected next hits only the token endpoint."""
+    assert isinstance(b.app.idp, OidcRefresher)
+    await b.app.idp.token_endpoint()
+
+
 @asynccontextmanager
-async def running_broker(env: Mapping[str, str]) -> AsyncIterator[RunningBroker]:
-    app = App(Settings.from_env(env))
+async def running_broker(
+    env: Mapping[str, str], *, store: LinkStore | None = None, idp: IdentityProvider | None = None
+) -> AsyncIterator[RunningBroker]:
+    app = App(Settings.from_env(env), store=store, idp=idp)
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:

@@ -1,0 +1,225 @@
+"""In-memory implementations of broker.ports for the fast unit tests of the refresh core.
+
+They stage on cue what real services cannot: a rotation between the read and the rejection, a save that fails after
+the IdP answered, a commit that fails, an IdP that answers only when the test says so. The integration tests against
+PostgreSQL and oidc-provider remain the proof; these are the fast map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from broker.errors import StoreUnavailable
+from broker.model import Link, RefreshedTokens, Secret
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """Wall time (for expiries) and monotonic time (for back-offs and markers), moved only by the test."""
+
+    def __init__(self) -> None:
+        self.wall = START
+        self.mono = 1000.0
+
+    def now(self) -> datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+def _sha(token: Secret) -> bytes:
+    return hashlib.sha256(token.reveal().encode()).digest()
+
+
+@dataclass
+class Marker:
+    refresh_sha256: bytes
+    heartbeat: float
+
+
+@dataclass
+class Faults:
+    """Failures the next operations meet; counters go down as they are used."""
+
+    get: int = 0
+    lock: int = 0
+    save_in_lock: int = 0
+    commit: int = 0
+    save_refreshed: int = 0
+    heartbeat: bool = False
+    clear_in_flight: int = 0
+
+
+@dataclass
+class FakeStore:
+    """A LinkStore over a dict, with the SQL functions' semantics (compare-and-set, marker by hash, heartbeats)."""
+
+    clock: FakeClock
+    rows: dict[UUID, Link] = field(default_factory=dict)
+    markers: dict[UUID, Marker] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)
+    after_lock: Callable[[], Awaitable[None]] | None = None
+    events: list[str] = field(default_factory=list)
+    _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
+
+    def put(self, link: Link) -> None:
+        self.rows[link.user_id] = link
+
+    async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
+        await asyncio.sleep(0)
+        if self.faults.get:
+            self.faults.get -= 1
+            raise StoreUnavailable("fake: read failed")
+        return self.rows.get(user_id)
+
+    @asynccontextmanager
+    async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[FakeLocked]:
+        if self.faults.lock:
+            self.faults.lock -= 1
+            raise StoreUnavailable("fake: lock failed")
+        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        async with lock:
+            self.events.append("lock")
+            locked = FakeLocked(self, user_id, self._read_locked(user_id))
+            yield locked
+            if self.faults.commit:
+                self.faults.commit -= 1
+                self.events.append("commit failed")
+                raise StoreUnavailable("fake: commit failed")
+            if locked.staged is not None:
+                self._apply(user_id, locked.staged)
+            self.events.append("commit")
+        if self.after_lock is not None:
+            await self.after_lock()
+
+    def _read_locked(self, user_id: UUID) -> Link | None:
+        row = self.rows.get(user_id)
+        if row is None:
+            return None
+        marker = self.markers.get(user_id)
+        idle = None
+        if marker is not None and marker.refresh_sha256 == _sha(row.refresh_token):
+            idle = self.clock.monotonic() - marker.heartbeat
+        return replace(row, marker_idle_seconds=idle)
+
+    def _cas(self, user_id: UUID, expected: Secret, tokens: RefreshedTokens) -> tuple[bool, Link | None]:
+        row = self.rows.get(user_id)
+        if row is None or row.refresh_token not in (expected, tokens.refresh_token):
+            return False, None
+        new = replace(row, access_token=tokens.access_token, refresh_token=tokens.refresh_token, expiry=tokens.expiry)
+        return True, new
+
+    def _apply(self, user_id: UUID, staged: tuple[Secret, RefreshedTokens]) -> None:
+        expected, tokens = staged
+        ok, new = self._cas(user_id, expected, tokens)
+        if ok and new is not None:
+            self.rows[user_id] = new
+            marker = self.markers.get(user_id)
+            if marker is not None and marker.refresh_sha256 == _sha(expected):
+                del self.markers[user_id]
+
+    async def save_refreshed(
+        self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
+    ) -> bool:
+        await asyncio.sleep(0)
+        if self.faults.save_refreshed:
+            self.faults.save_refreshed -= 1
+            self.events.append("save_refreshed failed")
+            raise StoreUnavailable("fake: write-back failed")
+        ok, _ = self._cas(user_id, previous_refresh, tokens)
+        if ok:
+            self._apply(user_id, (previous_refresh, tokens))
+        self.events.append(f"save_refreshed {ok}")
+        return ok
+
+    async def heartbeat(self, held: Sequence[tuple[UUID, Secret]], *, timeout: float) -> None:
+        if self.faults.heartbeat:
+            raise StoreUnavailable("fake: heartbeat failed")
+        for user_id, token in held:
+            marker = self.markers.get(user_id)
+            if marker is not None and marker.refresh_sha256 == _sha(token):
+                marker.heartbeat = self.clock.monotonic()
+
+    async def ping(self, *, timeout: float) -> bool:
+        return True
+
+
+@dataclass
+class FakeLocked:
+    """A LockedLink of FakeStore: `save` stages the write, committed when the lock context exits cleanly."""
+
+    store: FakeStore
+    user_id: UUID
+    link: Link | None
+    staged: tuple[Secret, RefreshedTokens] | None = None
+
+    async def save(self, tokens: RefreshedTokens) -> bool:
+        assert self.link is not None
+        await asyncio.sleep(0)
+        if self.store.faults.save_in_lock:
+            self.store.faults.save_in_lock -= 1
+            self.store.events.append("save failed")
+            raise StoreUnavailable("fake: save failed")
+        ok, _ = self.store._cas(self.user_id, self.link.refresh_token, tokens)
+        if ok:
+            self.staged = (self.link.refresh_token, tokens)
+        return ok
+
+    async def mark_in_flight(self) -> None:
+        assert self.link is not None
+        await asyncio.sleep(0)
+        self.store.markers[self.user_id] = Marker(_sha(self.link.refresh_token), self.store.clock.monotonic())
+        self.store.events.append("mark")
+
+    async def clear_in_flight(self) -> None:
+        assert self.link is not None
+        if self.store.faults.clear_in_flight:
+            self.store.faults.clear_in_flight -= 1
+            return
+        marker = self.store.markers.get(self.user_id)
+        if marker is not None and marker.refresh_sha256 == _sha(self.link.refresh_token):
+            del self.store.markers[self.user_id]
+        self.store.events.append("clear")
+
+
+Answer = RefreshedTokens | BaseException | Callable[[Secret], Awaitable[RefreshedTokens]]
+
+
+class ScriptedIdp:
+    """An IdentityProvider that answers from a script, one entry per call, and records what it was sent."""
+
+    def __init__(self, *answers: Answer) -> None:
+        self.script: list[Answer] = list(answers)
+        self.sent: list[Secret] = []
+
+    async def refresh(self, refresh_token: Secret) -> RefreshedTokens:
+        self.sent.append(refresh_token)
+        await asyncio.sleep(0)
+        if not self.script:
+            raise AssertionError("the IdP was called more often than the test scripted")
+        answer = self.script.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        if isinstance(answer, RefreshedTokens):
+            return answer
+        return await answer(refresh_token)
+
+
+def tokens(n: int, clock: FakeClock, lifetime: float = 3600) -> RefreshedTokens:
+    return RefreshedTokens(Secret(f"access-{n}"), Secret(f"refresh-{n}"), clock.now() + timedelta(seconds=lifetime))
+
+
+def link(user_id: UUID, n: int, expiry: datetime | None) -> Link:
+    return Link(user_id, Secret(f"access-{n}"), Secret(f"refresh-{n}"), expiry)

@@ -1,0 +1,377 @@
+"""The refresh core through the interfaces of broker.ports, on fakes: every branch of the locked refresh and the
+write-back, and failures staged at each await. No sockets; the integration tests are the proof."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import pytest
+
+from broker.circuit import CircuitBreaker
+from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable
+from broker.model import Secret, TokenResult, TokenStatus
+from broker.ports import NullObserver
+from broker.refresh import Refresher, RefreshSettings
+from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
+from broker.refresh.liveness import Liveness
+from broker.refresh.refresher import GuardedIdp
+from broker.refresh.rejections import RejectedTokens
+from broker.refresh.writeback import Pending, WriteBack
+from broker.tokens import TokenService
+from tests.support.fakes import Answer, FakeClock, FakeStore, ScriptedIdp, link, tokens
+
+SETTINGS = RefreshSettings(
+    leeway=timedelta(seconds=600),
+    refresh_ahead=timedelta(0),
+    lock_timeout=1.0,
+    idp_timeout=1.0,
+    reauth_backoff=60.0,
+    persist_warn_after=30.0,
+    store_timeout=1.0,
+    max_concurrent=4,
+    heartbeat_interval=0.01,
+    holder_dead_after=2.0,
+)
+
+
+@dataclass
+class Core:
+    clock: FakeClock
+    store: FakeStore
+    idp: ScriptedIdp
+    refresher: Refresher
+    writeback: WriteBack
+    liveness: Liveness
+    tokens: TokenService
+    user: uuid.UUID
+
+    async def get(self, budget: float = 5.0) -> TokenResult:
+        return await self.tokens.get_token(self.user, budget)
+
+    async def refresh(self) -> TokenResult:
+        row = self.store.rows[self.user]
+        return await self.refresher.refresh(row, time.monotonic() + 5)
+
+    def row_refresh(self) -> str:
+        return self.store.rows[self.user].refresh_token.reveal()
+
+    async def settle(self) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if not len(self.writeback):
+                return
+
+
+def make_core(*answers: Answer, expired: bool = True, idp: GuardedIdp | None = None) -> Core:
+    clock = FakeClock()
+    store = FakeStore(clock)
+    user = uuid.uuid4()
+    expiry = clock.now() - timedelta(seconds=1) if expired else clock.now() + timedelta(hours=1)
+    store.put(link(user, 0, expiry))
+    scripted = ScriptedIdp(*answers)
+    liveness = Liveness(store, SETTINGS.heartbeat_interval)
+    writeback = WriteBack(
+        store, liveness, NullObserver(), store_timeout=1.0, warn_after=SETTINGS.persist_warn_after, clock=clock.now
+    )
+    guarded = idp or GuardedIdentityProvider(scripted, CircuitBreaker(3, 10.0, clock=clock.monotonic), NullObserver())
+    refresher = Refresher(
+        store,
+        guarded,
+        SETTINGS,
+        writeback=writeback,
+        liveness=liveness,
+        rejected=RejectedTokens(60.0, clock=clock.monotonic),
+        observer=NullObserver(),
+        clock=clock.now,
+    )
+    service = TokenService(store, refresher, writeback, SETTINGS, clock=clock.now)
+    return Core(clock, store, scripted, refresher, writeback, liveness, service, user)
+
+
+class TestLockedRefresh:
+    async def test_refreshes_writes_back_and_lifts_the_marker(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+        assert c.row_refresh() == "refresh-1"
+        assert c.store.markers == {}
+        assert not c.liveness.holds(c.user)
+        assert [s.reveal() for s in c.idp.sent] == ["refresh-0"]
+
+    async def test_a_row_changed_while_waiting_for_the_lock_is_served_without_the_idp(self) -> None:
+        c = make_core()
+        seen = c.store.rows[c.user]
+        c.store.put(link(c.user, 5, c.clock.now() + timedelta(hours=1)))  # another replica refreshed
+        r = await c.refresher.refresh(seen, time.monotonic() + 5)
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-5")
+        assert c.idp.sent == []
+
+    async def test_no_link_and_disabled_account_under_the_lock(self) -> None:
+        c = make_core()
+        seen = c.store.rows.pop(c.user)
+        assert (await c.refresher.refresh(seen, time.monotonic() + 5)).status is TokenStatus.NO_LINK
+        from broker.model import AccountState
+
+        c.store.put(replace(seen, account=AccountState.DISABLED))
+        assert (await c.refresher.refresh(seen, time.monotonic() + 5)).status is TokenStatus.ACCOUNT_DISABLED
+        assert c.idp.sent == []
+
+    async def test_rejection_is_remembered_and_not_sent_again(self) -> None:
+        c = make_core(IdpRejected("invalid_grant"))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert len(c.idp.sent) == 1
+        assert c.store.markers == {}  # a rejection did not rotate: the marker is lifted
+        c.clock.advance(61)
+        c.idp.script.append(IdpRejected("invalid_grant"))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert len(c.idp.sent) == 2  # the back-off ended
+
+    async def test_rotation_between_the_read_and_the_rejection_uses_the_new_state(self) -> None:
+        c = make_core()
+
+        async def rotate_then_reject(_: Secret) -> object:
+            c.store.put(link(c.user, 7, c.clock.now() + timedelta(hours=1)))
+            raise IdpRejected("invalid_grant")
+
+        c.idp.script.append(rotate_then_reject)  # type: ignore[arg-type]  # raises, never returns
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.VALID, "access-7")
+
+    async def test_an_outage_lifts_the_marker_and_falls_back(self) -> None:
+        c = make_core(IdpUnavailable("down"))
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+        assert c.store.markers == {}
+
+    async def test_an_unknown_outcome_keeps_the_marker_until_its_heartbeat_dies(self) -> None:
+        c = make_core(IdpOutcomeUnknown("timed out after sending"), tokens(2, FakeClock()))
+        assert (await c.get()).status is TokenStatus.IDP_UNAVAILABLE
+        assert c.user in c.store.markers
+        # Within the liveness window nobody sends the token again.
+        assert (await c.get()).status is TokenStatus.IDP_UNAVAILABLE
+        assert len(c.idp.sent) == 1
+        # The holder's heartbeat is dead: the marker is taken over and the token sent exactly once more.
+        c.clock.advance(SETTINGS.holder_dead_after + 0.1)
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-2")
+        assert len(c.idp.sent) == 2
+
+    async def test_a_live_holder_elsewhere_is_respected(self) -> None:
+        c = make_core()
+        from tests.support.fakes import Marker, _sha
+
+        c.store.markers[c.user] = Marker(_sha(Secret("refresh-0")), c.clock.monotonic())
+        assert (await c.get()).status is TokenStatus.IDP_UNAVAILABLE
+        assert c.idp.sent == []
+
+    async def test_no_refresh_token_or_no_idp(self) -> None:
+        c = make_core(idp=NullIdentityProvider())
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.EXPIRED, "")
+        assert c.store.events == []  # no lock taken
+
+
+class TestRotatedTokensAreNeverLost:
+    async def test_a_save_that_fails_after_the_idp_answered_is_retried(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        c.store.faults.save_in_lock = 1
+        c.store.faults.save_refreshed = 2
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+        assert c.liveness.holds(c.user)  # the marker stays alive while the tokens wait
+        await c.settle()
+        assert c.row_refresh() == "refresh-1"
+        assert c.store.markers == {}
+        assert not c.liveness.holds(c.user)
+
+    async def test_a_commit_that_fails_is_retried(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        c.store.faults.commit = 1
+        assert (await c.get()).status is TokenStatus.REFRESHED
+        await c.settle()
+        assert c.row_refresh() == "refresh-1"
+
+    async def test_pending_tokens_are_served_while_the_database_is_down(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        c.store.faults.commit = 1
+        c.store.faults.save_refreshed = 1000
+        await c.get()
+        c.store.faults.get = 1
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+
+    async def test_expired_pending_tokens_are_landed_before_any_refresh_never_the_consumed_token(self) -> None:
+        c = make_core(tokens(1, FakeClock(), lifetime=60), tokens(2, FakeClock()))
+        c.store.faults.commit = 1
+        c.store.faults.save_refreshed = 1000
+        assert (await c.get()).status is TokenStatus.REFRESHED
+        c.clock.advance(120)  # the pending access token expired; the row still holds refresh-0 (consumed)
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.STORE_UNAVAILABLE, "")
+        assert [s.reveal() for s in c.idp.sent] == ["refresh-0"]  # refresh-0 was never sent again
+        c.store.faults.save_refreshed = 0
+        r = await c.get()
+        assert r.status is TokenStatus.REFRESHED
+        assert [s.reveal() for s in c.idp.sent] == ["refresh-0", "refresh-1"]
+        assert c.row_refresh() == "refresh-2"
+
+    async def test_pending_tokens_are_dropped_after_a_new_login(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        c.store.faults.commit = 1
+        c.store.faults.save_refreshed = 1000
+        await c.get()
+        c.store.put(link(c.user, 9, c.clock.now() + timedelta(hours=1)))  # the user logged in again
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.VALID, "access-9")
+        assert len(c.writeback) == 0
+        assert not c.liveness.holds(c.user)
+
+    async def test_drain_gives_pending_tokens_a_last_attempt(self) -> None:
+        c = make_core(tokens(1, FakeClock()))
+        c.store.faults.commit = 1
+        c.store.faults.save_refreshed = 1000
+        await c.get()
+        c.store.faults.save_refreshed = 0
+        await c.refresher.drain(1.0)
+        assert c.row_refresh() == "refresh-1"
+        assert len(c.writeback) == 0
+
+    @pytest.mark.parametrize("step", range(10))
+    async def test_cancellation_at_each_await_loses_nothing(self, step: int) -> None:
+        """Cancel the flight (as shutdown does) after `step` scheduler turns: a rotated token is in the row or held
+        for write-back, and the consumed token is never sent again."""
+        c = make_core(tokens(1, FakeClock()), tokens(2, FakeClock()))
+        c.refresher.refresh_ahead(c.store.rows[c.user])
+        (flight,) = [t for t in asyncio.all_tasks() if t.get_name() == f"refresh:{c.user}"]
+        for _ in range(step):
+            await asyncio.sleep(0)
+        flight.cancel()
+        await asyncio.gather(flight, return_exceptions=True)
+        answered = c.writeback.pending(c.user) is not None or c.row_refresh() != "refresh-0"
+        if c.idp.sent and not answered:
+            # Sent with no answer (unknown outcome): the marker stays, so nobody resends while it beats.
+            assert c.user in c.store.markers, c.store.events
+        await c.settle()
+        await c.get()  # within the liveness window: nothing is resent
+        assert [s.reveal() for s in c.idp.sent].count("refresh-0") <= 1
+        c.clock.advance(SETTINGS.holder_dead_after + 1)
+        r = await c.get()
+        sent = [s.reveal() for s in c.idp.sent]
+        # A rotated token that came back is never traded for a resend; an unknown outcome is resent once, after
+        # its marker died (what an IdP with a rotation grace accepts).
+        assert sent.count("refresh-0") == (1 if answered else min(len(sent), 2)), (step, sent)
+        assert r.status in (TokenStatus.REFRESHED, TokenStatus.VALID), (step, sent, c.store.events)
+
+
+class TestBudget:
+    async def test_the_read_and_the_refresh_share_one_budget(self) -> None:
+        c = make_core()
+
+        async def slow(_: Secret) -> object:
+            await asyncio.sleep(2)
+            return tokens(1, c.clock)
+
+        c.idp.script.append(slow)  # type: ignore[arg-type]
+        original = c.store.get_link
+
+        async def slow_read(user_id: uuid.UUID, *, timeout: float) -> object:
+            await asyncio.sleep(0.3)
+            return await original(user_id, timeout=timeout)
+
+        c.store.get_link = slow_read  # type: ignore[assignment,method-assign]
+        started = time.monotonic()
+        r = await c.get(budget=0.5)
+        assert time.monotonic() - started < 0.7
+        assert r.status is TokenStatus.IDP_UNAVAILABLE
+
+
+class TestLeeway:
+    async def test_a_short_lived_token_is_not_refreshed_on_every_request(self) -> None:
+        clock = FakeClock()
+        c = make_core(tokens(1, clock, lifetime=300), tokens(2, clock, lifetime=300))
+        await c.get()
+        for _ in range(5):
+            c.clock.advance(10)
+            assert (await c.get()).status is TokenStatus.VALID
+        assert len(c.idp.sent) == 1
+
+
+class TestGuardedIdp:
+    async def test_a_probe_that_is_cancelled_or_crashes_frees_the_circuit(self) -> None:
+        clock = FakeClock()
+        circuit = CircuitBreaker(1, 10.0, clock=clock.monotonic)
+
+        async def hang(_: Secret) -> object:
+            await asyncio.sleep(10)
+            raise AssertionError
+
+        idp = ScriptedIdp(IdpUnavailable("down"), hang, RuntimeError("bug"), tokens(1, clock))  # type: ignore[arg-type]
+        guarded = GuardedIdentityProvider(idp, circuit, NullObserver())
+        with pytest.raises(IdpUnavailable):
+            await guarded.refresh(Secret("r"))
+        assert guarded.refusal() is not None
+        clock.advance(11)
+        probe = asyncio.create_task(guarded.refresh(Secret("r")))
+        await asyncio.sleep(0.01)
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
+        assert guarded.refusal() is None  # the probe was given back
+        with pytest.raises(RuntimeError):
+            await guarded.refresh(Secret("r"))
+        clock.advance(11)
+        assert (await guarded.refresh(Secret("r"))).access_token.reveal() == "access-1"
+
+    async def test_retry_after_keeps_the_circuit_open(self) -> None:
+        clock = FakeClock()
+        circuit = CircuitBreaker(5, 1.0, clock=clock.monotonic)
+        guarded = GuardedIdentityProvider(ScriptedIdp(IdpUnavailable("429", retry_after=30)), circuit, NullObserver())
+        with pytest.raises(IdpUnavailable):
+            await guarded.refresh(Secret("r"))
+        clock.advance(29)
+        assert guarded.refusal() is not None
+        clock.advance(2)
+        assert guarded.refusal() is None
+
+
+class TestRejectedTokens:
+    def test_remembers_for_the_backoff_and_stays_bounded(self) -> None:
+        clock = FakeClock()
+        memory = RejectedTokens(60.0, clock=clock.monotonic, limit=3)
+        for i in range(5):
+            memory.remember(Secret(f"t{i}"))
+            clock.advance(1)
+        assert len(memory) == 3
+        assert Secret("t4") in memory
+        assert Secret("t0") not in memory
+        clock.advance(60)
+        assert Secret("t4") not in memory
+
+
+class TestWriteBack:
+    async def test_an_entry_is_kept_until_it_lands_and_the_marker_beats_meanwhile(self) -> None:
+        clock = FakeClock()
+        store = FakeStore(clock)
+        user = uuid.uuid4()
+        store.put(link(user, 0, clock.now()))
+        from tests.support.fakes import Marker, _sha
+
+        store.markers[user] = Marker(_sha(Secret("refresh-0")), clock.monotonic())
+        liveness = Liveness(store, 0.01)
+        wb = WriteBack(store, liveness, NullObserver(), store_timeout=1.0, warn_after=0.0, clock=clock.now)
+        store.faults.save_refreshed = 3
+        wb.hold(user, Pending(Secret("refresh-0"), tokens(1, clock)))
+        clock.advance(5)
+        await asyncio.sleep(0.05)  # heartbeats ran with the new clock
+        assert store.markers[user].heartbeat == clock.monotonic()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not len(wb):
+                break
+        assert store.rows[user].refresh_token.reveal() == "refresh-1"
+        assert user not in store.markers
+        await liveness.close()
