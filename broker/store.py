@@ -89,6 +89,7 @@ class _Locked:
         self._user_id = user_id
         self.link = link
         self._timeout = timeout
+        self.broken = False  # a statement timed out or the transport failed: no rollback, terminate
 
     async def mark_in_flight(self) -> None:
         """Committed at once on another connection, independent of the locked transaction."""
@@ -112,6 +113,7 @@ class _Locked:
             async with asyncio.timeout(self._timeout):
                 return bool(await self._conn.fetchval(STORE_REFRESHED, *args))
         except _DB_ERRORS as exc:
+            self.broken = not isinstance(exc, asyncpg.PostgresError)
             raise _translate(exc, "writing refreshed tokens") from None
 
 
@@ -196,10 +198,11 @@ class PostgresStore:
                 raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
             except _DB_ERRORS as exc:
                 raise _translate(exc, "taking the refresh lock") from None
+            locked = _Locked(self, conn, user_id, _link(user_id, row), statement)
             try:
-                yield _Locked(self, conn, user_id, _link(user_id, row), statement)
+                yield locked
             except BaseException:
-                broken = not await _rollback(tx, statement)
+                broken = locked.broken or not await _rollback(tx, statement)
                 raise
             try:
                 async with asyncio.timeout(statement):

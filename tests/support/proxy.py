@@ -1,0 +1,75 @@
+"""A TCP proxy of the tests' own between the broker and PostgreSQL, to inject network faults on cue:
+
+- `cut()`: close every connection at once (RST-like for the broker) and refuse new ones until `heal()`;
+- `silence()`: keep connections open but forward nothing, in either direction (a partition without RST: packets
+  dropped), and accept new connections that never answer, until `heal()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class FaultyProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._target = (target_host, target_port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._refusing = False
+        self.port = 0
+
+    async def start(self) -> FaultyProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        self._drop_all()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        self._refusing = True
+        self._drop_all()
+
+    def silence(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._refusing = False
+        self._open.set()
+
+    def _drop_all(self) -> None:
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+        for w in (writer, up_writer):
+            self._writers.discard(w)
+            w.transport.abort()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self._open.wait()  # silent: hold the bytes back, as a dropped-packet path would
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
