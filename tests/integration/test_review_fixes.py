@@ -98,7 +98,7 @@ async def test_an_answer_without_expires_in_is_stored_as_the_products_zero_time(
 async def test_infinite_expiries_never_expire_and_never_crash(db: Database, stored: str) -> None:
     uid = uuid.uuid4()
     await db.insert_link(uid, "forever", "r", None)
-    await db.execute(f"UPDATE user_links SET oauth_expiry = '{stored}' WHERE user_id = $1", uid)
+    await db.execute("UPDATE user_links SET oauth_expiry = $2::text::timestamptz WHERE user_id = $1", uid, stored)
     async with running_broker(broker_env(db)) as b:
         r = await b.get(uid)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, "forever")
