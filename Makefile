@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dev
 NODE_STAMP := tests/idp/node_modules/.installed
 TOOLS  := .tools
 
-.PHONY: install run test lint fmt typecheck proto proto-check buf check bench helm-lint clean
+.PHONY: install run test unit lint fmt typecheck precommit proto proto-check buf check bench helm-lint clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -26,6 +26,10 @@ run: $(STAMP)
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest
 
+# The fast map: the unit tests alone, no PostgreSQL, no Node, no sockets (seconds).
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -36,6 +40,9 @@ fmt: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+precommit: $(STAMP)
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/broker/v1/token_broker.proto
@@ -58,7 +65,8 @@ bench: $(STAMP) $(NODE_STAMP)
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) -m bench.run
 
-check: lint typecheck proto-check buf test
+# Everything CI runs (.ci/run is `make check`): the README's test command first, then the static checks.
+check: test lint typecheck precommit proto-check buf helm-lint
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .data tests/idp/node_modules

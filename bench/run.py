@@ -21,6 +21,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -159,7 +160,7 @@ async def main() -> None:
 
         base_rps = max(baseline["rps"], baseline2["rps"])
         broker_rps = max(measured["rps"], measured2["rps"])
-        result = {
+        result: dict[str, Any] = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "postgres": server.kind,
             "h2load": {"requests": REQUESTS, "clients": CLIENTS, "streams_per_client": STREAMS},
@@ -174,7 +175,7 @@ async def main() -> None:
                 ),
             },
         }
-        for run in (*result["baseline_echo"], *result["broker_valid_token"]):  # type: ignore[union-attr]
+        for run in (*result["baseline_echo"], *result["broker_valid_token"]):
             if run["ok_by_bytes"] != REQUESTS:
                 raise SystemExit(f"h2load: only {run['ok_by_bytes']} of {REQUESTS} answers had the expected size")
         out = ROOT / "bench" / "results"

@@ -32,13 +32,9 @@ def endpoint() -> Iterator[TokenEndpoint]:
 
 
 def env_for(db: Database, ep: TokenEndpoint, **overrides: str) -> dict[str, str]:
-    return broker_env(
-        db,
-        BROKER_OIDC_ISSUER=ep.issuer,
-        BROKER_OIDC_CLIENT_ID="broker",
-        BROKER_OIDC_CLIENT_SECRET="test-secret",
-        **overrides,
-    )
+    env = broker_env(db, BROKER_OIDC_ISSUER=ep.issuer, BROKER_OIDC_CLIENT_ID="broker")
+    env.update(BROKER_OIDC_CLIENT_SECRET="test-secret", **overrides)
+    return env
 
 
 async def expired_user(db: Database, ep: TokenEndpoint) -> tuple[uuid.UUID, str]:

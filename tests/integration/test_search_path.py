@@ -95,8 +95,8 @@ async def test_planted_operator_never_runs_as_the_elevated_role(product_db: Data
         )
     finally:
         await conn.close()
-    rows = [(r["kind"], r["oauth_access_token"]) for r in tokens]
-    assert rows == [("github", "github-access"), ("oidc", "new-access")]
+    pairs = [(r["kind"], r["oauth_access_token"]) for r in tokens]
+    assert pairs == [("github", "github-access"), ("oidc", "new-access")]
 
 
 async def test_planted_function_never_runs_as_the_admin_at_migrate(product_db: Database) -> None:

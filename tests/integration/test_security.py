@@ -90,9 +90,10 @@ async def _call(
 ) -> pb.GetOIDCAccessTokenResponse:
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
-        return await pb_grpc.TokenBrokerStub(ch).GetOIDCAccessToken(
+        response: pb.GetOIDCAccessTokenResponse = await pb_grpc.TokenBrokerStub(ch).GetOIDCAccessToken(
             pb.GetOIDCAccessTokenRequest(user_id=str(user)), timeout=3, metadata=metadata
         )
+        return response
 
 
 async def _seed(db: Database) -> uuid.UUID:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,7 +31,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 async def _health(channel: grpc.aio.Channel, service: str) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
+    status: int = (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
+    return status
 
 
 async def test_health_liveness_and_readiness_follow_the_database(db: Database) -> None:
@@ -60,7 +62,7 @@ async def test_reflection_lists_the_service(db: Database) -> None:
     async with running_broker(broker_env(db)) as b:
         stub = reflection_pb2_grpc.ServerReflectionStub(b.channel)
 
-        async def requests():  # type: ignore[no-untyped-def]
+        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(list_services="")
 
         names = []

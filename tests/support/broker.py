@@ -57,7 +57,10 @@ class RunningBroker:
         return f"127.0.0.1:{self.app.port}"
 
     async def get(self, user_id: object, timeout: float = 10.0) -> pb.GetOIDCAccessTokenResponse:
-        return await self.stub.GetOIDCAccessToken(pb.GetOIDCAccessTokenRequest(user_id=str(user_id)), timeout=timeout)
+        response: pb.GetOIDCAccessTokenResponse = await self.stub.GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=str(user_id)), timeout=timeout
+        )
+        return response
 
     def metrics_text(self) -> str:
         r = httpx2.get(f"http://127.0.0.1:{self.app.metrics_port}/metrics", timeout=5)

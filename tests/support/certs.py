@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,14 @@ class CertificateAuthority:
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
-        self, common_name: str, *, dns: list[str] = (), uris: list[str] = (), ips: list[str] = (), server: bool = False
-    ) -> Issued:  # type: ignore[assignment]
+        self,
+        common_name: str,
+        *,
+        dns: Sequence[str] = (),
+        uris: Sequence[str] = (),
+        ips: Sequence[str] = (),
+        server: bool = False,
+    ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]

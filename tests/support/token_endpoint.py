@@ -108,7 +108,8 @@ class TokenEndpoint:
                     ok = True  # the overlap window: a used token still works once more
                 else:
                     self.reused += 1  # reuse detection: the whole grant is revoked
-                    self._revoked.add(grant)
+                    if grant is not None:
+                        self._revoked.add(grant)
                     self._live -= {t for t, g in self._grant_of.items() if g == grant}
             if ok and grant is not None:
                 self.grants += 1

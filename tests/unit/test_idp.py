@@ -18,7 +18,7 @@ from broker.model import Secret
 TOKEN_URL = "https://idp.example.com/token"
 
 
-def refresher(handler: Callable[[httpx2.Request], httpx2.Response], **kw: object) -> OidcRefresher:
+def refresher(handler: Callable[[httpx2.Request], httpx2.Response], **kw: str) -> OidcRefresher:
     return OidcRefresher(
         client_id="cid",
         client_secret=Secret("csecret"),
@@ -26,7 +26,7 @@ def refresher(handler: Callable[[httpx2.Request], httpx2.Response], **kw: object
         token_url=TOKEN_URL,
         transport=httpx2.MockTransport(handler),
         **kw,
-    )  # type: ignore[arg-type]
+    )
 
 
 def jwt(exp: int) -> str:
