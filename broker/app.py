@@ -23,11 +23,10 @@ from broker.errors import ConfigError
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.metrics import Metrics
-from broker.ports import Gatekeeper, IdentityProvider, LinkStore
+from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
-from broker.refresh.refresher import GuardedIdp
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.writeback import WriteBack
 from broker.service import SERVICE_NAME, TokenBrokerServicer

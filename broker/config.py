@@ -6,21 +6,18 @@ files (`*_FILE`), so they need not sit in the environment.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit
 
+from broker.envreader import EnvReader
 from broker.errors import ConfigError
-from broker.identities import parse_allowed
 from broker.model import Secret
 from broker.urls import check_url, is_loopback_host
 
-T = TypeVar("T")
 #: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -122,191 +119,92 @@ class Settings:
 
     @staticmethod
     def from_env(environ: Mapping[str, str]) -> Settings:
-        return _Reader(environ).settings()
+        return _read(EnvReader(environ))
 
 
-class _Reader:
-    """Parses each variable, collecting every problem before failing once."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.env = environ
-        self.errors: list[str] = []
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        return value if value not in (None, "") else None
-
-    def get(self, name: str, parse: Callable[[str], T], default: T, check: Callable[[T], str | None]) -> T:
-        text = self.raw(name)
-        if text is None:
-            return default
-        try:
-            value = parse(text.strip())
-        except ValueError:
-            self.errors.append(f"{name}: cannot parse {text!r}")
-            return default
-        problem = check(value)
-        if problem:
-            self.errors.append(f"{name}: {problem}")
-        return value
-
-    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
-        def check(v: float) -> str | None:
-            if v != v or v in (float("inf"), float("-inf")):
-                return "must be a finite number of seconds"
-            if v < 0 or (v == 0 and not allow_zero):
-                return "must be " + ("zero or more" if allow_zero else "more than zero") + " seconds"
-            return None
-
-        return self.get(name, float, default, check)
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        return self.get(name, int, default, lambda v: None if low <= v <= high else f"must be {low}..{high}")
-
-    def boolean(self, name: str, default: bool) -> bool:
-        text = self.raw(name)
-        if text is None:
-            return default
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        self.errors.append(f"{name}: must be true or false, not {text!r}")
-        return default
-
-    def secret(self, name: str) -> Secret | None:
-        """NAME, or the contents of the file NAME_FILE (trailing newline stripped); never both."""
-        direct, path = self.raw(name), self.raw(name + "_FILE")
-        if direct and path:
-            self.errors.append(f"{name} and {name}_FILE are both set; set one")
-            return None
-        if path:
-            try:
-                return Secret(Path(path).read_text().strip())
-            except OSError as exc:
-                self.errors.append(f"{name}_FILE: cannot read {path}: {exc.strerror}")
-                return None
-        return Secret(direct) if direct else None
-
-    def callers(self, name: str) -> frozenset[str]:
-        allowed: set[str] = set()
-        for entry in (e.strip() for e in (self.raw(name) or "").split(",")):
-            if not entry:
-                continue
-            try:
-                allowed.add(parse_allowed(entry))
-            except ValueError as exc:
-                self.errors.append(f"{name}: {exc}")
-        return frozenset(allowed)
-
-    def file(self, name: str) -> Path | None:
-        text = self.raw(name)
-        if text is None:
-            return None
-        p = Path(text)
-        if not p.is_file():
-            self.errors.append(f"{name}: no such file {text}")
-        return p
-
-    def address(self, name: str, default: str, *, allow_empty: bool = False) -> str:
-        text = self.env.get(name)
-        if text is None or (text == "" and not allow_empty):
-            return default
-        if text == "" and allow_empty:
-            return ""
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            self.errors.append(f"{name}: must be host:port, not {text!r}")
-            return default
-        host = host.strip("[]")
-        wildcard = ("localhost", "0.0.0.0", "::", "*")  # noqa: S104 - validating an address, not binding
-        if host not in wildcard and not _is_ip_or_name(host):
-            self.errors.append(f"{name}: bad host {host!r}")
-        return text
-
-    def settings(self) -> Settings:
-        database_url = self.secret("BROKER_DATABASE_URL")
-        migrate_url = self.secret("BROKER_MIGRATE_DATABASE_URL") or database_url
-        for label, dsn in (("BROKER_DATABASE_URL", database_url), ("BROKER_MIGRATE_DATABASE_URL", migrate_url)):
-            if dsn is not None and urlsplit(dsn.reveal()).scheme not in ("postgres", "postgresql"):
-                self.errors.append(f"{label}: must be a postgresql:// URL")
-        role = self.raw("BROKER_DB_SERVICE_ROLE") or _D.db_service_role
-        if not ROLE_NAME.fullmatch(role):
-            self.errors.append("BROKER_DB_SERVICE_ROLE: must be a plain role name (letters, digits, _, at most 63)")
-        issuer = self.raw("BROKER_OIDC_ISSUER")
-        token_url = self.raw("BROKER_OIDC_TOKEN_URL")
-        for name, url in (("BROKER_OIDC_ISSUER", issuer), ("BROKER_OIDC_TOKEN_URL", token_url)):
-            if url and (problem := check_url(name, url)):
-                self.errors.append(problem)
-        client_id = self.raw("BROKER_OIDC_CLIENT_ID")
-        client_secret = self.secret("BROKER_OIDC_CLIENT_SECRET")
-        if (issuer or token_url) and not client_id:
-            self.errors.append("BROKER_OIDC_CLIENT_ID: required when an issuer or token URL is set")
-        if client_id and not (issuer or token_url):
-            self.errors.append("BROKER_OIDC_ISSUER or BROKER_OIDC_TOKEN_URL: required with BROKER_OIDC_CLIENT_ID")
-        auth_method = self.raw("BROKER_OIDC_AUTH_METHOD") or _D.oidc_auth_method
-        if auth_method not in AUTH_METHODS:
-            self.errors.append(f"BROKER_OIDC_AUTH_METHOD: must be one of {', '.join(AUTH_METHODS)}")
-        if client_id and client_secret is None:
-            self.errors.append("BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE: required")
-        log_level = (self.raw("BROKER_LOG_LEVEL") or _D.log_level).upper()
-        if log_level not in LOG_LEVELS:
-            self.errors.append(f"BROKER_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}")
-        cert, key = self.file("BROKER_TLS_CERT_FILE"), self.file("BROKER_TLS_KEY_FILE")
-        if (cert is None) != (key is None):
-            self.errors.append("BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE: set both or neither")
-        client_ca = self.file("BROKER_TLS_CLIENT_CA_FILE")
-        if client_ca is not None and cert is None:
-            self.errors.append("BROKER_TLS_CLIENT_CA_FILE: requires BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE")
-        callers = self.callers("BROKER_ALLOWED_CALLERS")
-        if client_ca is not None and not callers:
-            self.errors.append("BROKER_ALLOWED_CALLERS: required with BROKER_TLS_CLIENT_CA_FILE (which SANs may call)")
-        s = Settings(
-            database_url=database_url,
-            migrate_database_url=migrate_url,
-            db_service_role=role,
-            db_pool_min=self.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
-            db_pool_max=self.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
-            listen=self.address("BROKER_LISTEN", _D.listen),
-            metrics_listen=self.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
-            log_level=log_level,
-            request_timeout=self.seconds("BROKER_REQUEST_TIMEOUT", _D.request_timeout),
-            refresh_leeway=self.seconds("BROKER_REFRESH_LEEWAY", _D.refresh_leeway, allow_zero=True),
-            refresh_ahead=self.seconds("BROKER_REFRESH_AHEAD", _D.refresh_ahead, allow_zero=True),
-            refresh_lock_timeout=self.seconds("BROKER_REFRESH_LOCK_TIMEOUT", _D.refresh_lock_timeout),
-            reauth_backoff=self.seconds("BROKER_REAUTH_BACKOFF", _D.reauth_backoff, allow_zero=True),
-            persist_retry_seconds=self.seconds("BROKER_PERSIST_RETRY_SECONDS", _D.persist_retry_seconds),
-            oidc_issuer=issuer,
-            oidc_token_url=token_url,
-            oidc_client_id=client_id,
-            oidc_client_secret=client_secret,
-            oidc_auth_method=auth_method,
-            oidc_timeout=self.seconds("BROKER_OIDC_TIMEOUT", _D.oidc_timeout),
-            circuit_failures=self.integer("BROKER_CIRCUIT_FAILURES", _D.circuit_failures, 1, 10_000),
-            circuit_open_seconds=self.seconds("BROKER_CIRCUIT_OPEN_SECONDS", _D.circuit_open_seconds),
-            health_interval=self.seconds("BROKER_HEALTH_INTERVAL", _D.health_interval),
-            drain_delay=self.seconds("BROKER_DRAIN_DELAY", _D.drain_delay, allow_zero=True),
-            shutdown_grace=self.seconds("BROKER_SHUTDOWN_GRACE", _D.shutdown_grace, allow_zero=True),
-            tls_cert_file=cert,
-            tls_key_file=key,
-            tls_client_ca_file=client_ca,
-            allowed_callers=callers,
-            caller_tokens_file=self.file("BROKER_CALLER_TOKENS_FILE"),
-            allow_insecure=self.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
-            max_concurrent_per_caller=self.integer(
-                "BROKER_MAX_CONCURRENT_PER_CALLER", _D.max_concurrent_per_caller, 1, 100_000
-            ),
-            max_request_bytes=self.integer("BROKER_MAX_REQUEST_BYTES", _D.max_request_bytes, 64, 1 << 20),
-            health_listen=self.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
+def _read(r: EnvReader) -> Settings:
+    database_url = r.secret("BROKER_DATABASE_URL")
+    migrate_url = r.secret("BROKER_MIGRATE_DATABASE_URL") or database_url
+    for label, dsn in (("BROKER_DATABASE_URL", database_url), ("BROKER_MIGRATE_DATABASE_URL", migrate_url)):
+        if dsn is not None and urlsplit(dsn.reveal()).scheme not in ("postgres", "postgresql"):
+            r.errors.append(f"{label}: must be a postgresql:// URL")
+    role = r.raw("BROKER_DB_SERVICE_ROLE") or _D.db_service_role
+    if not ROLE_NAME.fullmatch(role):
+        r.errors.append("BROKER_DB_SERVICE_ROLE: must be a plain role name (letters, digits, _, at most 63)")
+    issuer = r.raw("BROKER_OIDC_ISSUER")
+    token_url = r.raw("BROKER_OIDC_TOKEN_URL")
+    for name, url in (("BROKER_OIDC_ISSUER", issuer), ("BROKER_OIDC_TOKEN_URL", token_url)):
+        if url and (problem := check_url(name, url)):
+            r.errors.append(problem)
+    client_id = r.raw("BROKER_OIDC_CLIENT_ID")
+    client_secret = r.secret("BROKER_OIDC_CLIENT_SECRET")
+    if (issuer or token_url) and not client_id:
+        r.errors.append("BROKER_OIDC_CLIENT_ID: required when an issuer or token URL is set")
+    if client_id and not (issuer or token_url):
+        r.errors.append("BROKER_OIDC_ISSUER or BROKER_OIDC_TOKEN_URL: required with BROKER_OIDC_CLIENT_ID")
+    auth_method = r.raw("BROKER_OIDC_AUTH_METHOD") or _D.oidc_auth_method
+    if auth_method not in AUTH_METHODS:
+        r.errors.append(f"BROKER_OIDC_AUTH_METHOD: must be one of {', '.join(AUTH_METHODS)}")
+    if client_id and client_secret is None:
+        r.errors.append("BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE: required")
+    log_level = (r.raw("BROKER_LOG_LEVEL") or _D.log_level).upper()
+    if log_level not in LOG_LEVELS:
+        r.errors.append(f"BROKER_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}")
+    cert, key = r.file("BROKER_TLS_CERT_FILE"), r.file("BROKER_TLS_KEY_FILE")
+    if (cert is None) != (key is None):
+        r.errors.append("BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE: set both or neither")
+    client_ca = r.file("BROKER_TLS_CLIENT_CA_FILE")
+    if client_ca is not None and cert is None:
+        r.errors.append("BROKER_TLS_CLIENT_CA_FILE: requires BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE")
+    callers = r.callers("BROKER_ALLOWED_CALLERS")
+    if client_ca is not None and not callers:
+        r.errors.append("BROKER_ALLOWED_CALLERS: required with BROKER_TLS_CLIENT_CA_FILE (which SANs may call)")
+    s = Settings(
+        database_url=database_url,
+        migrate_database_url=migrate_url,
+        db_service_role=role,
+        db_pool_min=r.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
+        db_pool_max=r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
+        listen=r.address("BROKER_LISTEN", _D.listen),
+        metrics_listen=r.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
+        log_level=log_level,
+        request_timeout=r.seconds("BROKER_REQUEST_TIMEOUT", _D.request_timeout),
+        refresh_leeway=r.seconds("BROKER_REFRESH_LEEWAY", _D.refresh_leeway, allow_zero=True),
+        refresh_ahead=r.seconds("BROKER_REFRESH_AHEAD", _D.refresh_ahead, allow_zero=True),
+        refresh_lock_timeout=r.seconds("BROKER_REFRESH_LOCK_TIMEOUT", _D.refresh_lock_timeout),
+        reauth_backoff=r.seconds("BROKER_REAUTH_BACKOFF", _D.reauth_backoff, allow_zero=True),
+        persist_retry_seconds=r.seconds("BROKER_PERSIST_RETRY_SECONDS", _D.persist_retry_seconds),
+        oidc_issuer=issuer,
+        oidc_token_url=token_url,
+        oidc_client_id=client_id,
+        oidc_client_secret=client_secret,
+        oidc_auth_method=auth_method,
+        oidc_timeout=r.seconds("BROKER_OIDC_TIMEOUT", _D.oidc_timeout),
+        circuit_failures=r.integer("BROKER_CIRCUIT_FAILURES", _D.circuit_failures, 1, 10_000),
+        circuit_open_seconds=r.seconds("BROKER_CIRCUIT_OPEN_SECONDS", _D.circuit_open_seconds),
+        health_interval=r.seconds("BROKER_HEALTH_INTERVAL", _D.health_interval),
+        drain_delay=r.seconds("BROKER_DRAIN_DELAY", _D.drain_delay, allow_zero=True),
+        shutdown_grace=r.seconds("BROKER_SHUTDOWN_GRACE", _D.shutdown_grace, allow_zero=True),
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_client_ca_file=client_ca,
+        allowed_callers=callers,
+        caller_tokens_file=r.file("BROKER_CALLER_TOKENS_FILE"),
+        allow_insecure=r.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
+        max_concurrent_per_caller=r.integer(
+            "BROKER_MAX_CONCURRENT_PER_CALLER", _D.max_concurrent_per_caller, 1, 100_000
+        ),
+        max_request_bytes=r.integer("BROKER_MAX_REQUEST_BYTES", _D.max_request_bytes, 64, 1 << 20),
+        health_listen=r.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
+    )
+    if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
+        r.errors.append(
+            f"BROKER_LISTEN: refusing the non-loopback address {s.listen} without caller authentication: set "
+            "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
         )
-        if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
-            self.errors.append(
-                f"BROKER_LISTEN: refusing the non-loopback address {s.listen} without caller authentication: set "
-                "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
-            )
-        if self.errors:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(self.errors))
-        return s
+    if r.errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
+    return s
 
 
 _D = Settings(database_url=None, migrate_database_url=None)  # the defaults, as written once in the dataclass
@@ -337,7 +235,7 @@ class DevSettings:
 
     @staticmethod
     def from_env(environ: Mapping[str, str]) -> DevSettings:
-        r = _Reader(environ)
+        r = EnvReader(environ)
         dev = DevSettings(
             database_configured=bool(r.raw("BROKER_DATABASE_URL") or r.raw("BROKER_DATABASE_URL_FILE")),
             port=r.integer("BROKER_DEV_DB_PORT", 54329, 1, 65535),
@@ -347,11 +245,3 @@ class DevSettings:
         if r.errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
         return dev
-
-
-def _is_ip_or_name(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return all(part.replace("-", "").isalnum() for part in host.split(".")) and len(host) <= 253

@@ -50,3 +50,14 @@ def configure(level: str, redact: Iterable[str] = (), stream: TextIO | None = No
     root.setLevel(level)
     for noisy in ("httpx", "httpx2", "httpcore", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+class UserLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # LoggerAdapter is generic only in typeshed
+    """A logger whose lines carry `user_id` (never a token): `UserLog(log, uid).warning("...")`."""
+
+    def __init__(self, logger: logging.Logger, user_id: object) -> None:
+        super().__init__(logger, {"user_id": str(user_id)})
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **(self.extra or {})}
+        return msg, kwargs

@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 from uuid import UUID
 
+from broker.errors import BrokerError
 from broker.model import Link, RefreshedTokens, Secret
 
 
@@ -58,6 +59,14 @@ class IdentityProvider(Protocol):
     """Performs the OAuth2 refresh_token grant."""
 
     async def refresh(self, refresh_token: Secret) -> RefreshedTokens: ...
+
+
+class GuardedIdp(IdentityProvider, Protocol):
+    """An IdentityProvider that can tell, without a call, that it would refuse one (an open circuit, no IdP)."""
+
+    def refusal(self) -> BrokerError | None:
+        """The error a call would end with right now, or None when a call may go out."""
+        ...
 
 
 class RefreshObserver(Protocol):

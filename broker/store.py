@@ -21,6 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from broker.errors import RefreshLockTimeout, StoreUnavailable
+from broker.logs import UserLog
 from broker.model import AccountState, Link, RefreshedTokens, Secret
 from broker.policy import normalise_expiry
 
@@ -104,7 +105,7 @@ class _Locked:
                 self._timeout, "clearing the in-flight marker", lambda c: c.execute(ABANDON_REFRESH, *args)
             )
         except StoreUnavailable:
-            log.warning("in-flight marker not cleared; it dies with its heartbeat", extra={"user_id": str(args[0])})
+            UserLog(log, args[0]).warning("in-flight marker not cleared; it dies with its heartbeat")
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from broker.errors import StoreUnavailable
+from broker.logs import UserLog
 from broker.model import AccountState, TokenResult, TokenStatus, utcnow
 from broker.policy import Decision, decide
 from broker.ports import LinkStore
@@ -66,16 +67,14 @@ class TokenService:
             served = self._writeback.serve(pending) if pending is not None else None
             if served is not None:
                 return served
-            log.warning("store unavailable: %s", exc, extra={"user_id": str(user_id)})
+            UserLog(log, user_id).warning("store unavailable: %s", exc)
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
         if link is None:
             return TokenResult.empty(TokenStatus.NO_LINK)
         if link.account is AccountState.DISABLED:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
         if link.encrypted:
-            log.error(
-                "link tokens are encrypted (dbcrypt); the broker cannot decrypt them", extra={"user_id": str(user_id)}
-            )
+            UserLog(log, user_id).error("link tokens are encrypted (dbcrypt); the broker cannot decrypt them")
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
         if self._writeback.reconcile(link) is not None:
             # This process holds rotated tokens the row does not have yet: the refresher serves or lands them.

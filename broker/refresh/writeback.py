@@ -11,6 +11,7 @@ from datetime import datetime
 from uuid import UUID
 
 from broker.errors import StoreUnavailable
+from broker.logs import UserLog
 from broker.model import Link, RefreshedTokens, Secret, TokenResult, TokenStatus, utcnow
 from broker.ports import LinkStore, RefreshObserver
 from broker.refresh.liveness import Liveness
@@ -130,12 +131,11 @@ class WriteBack:
                 if not warned and time.monotonic() - started >= self._warn_after:
                     warned = True
                     self._obs.persist_failed()
-                    log.error(
+                    UserLog(log, user_id).error(
                         "rotated tokens still not written back after %ss (%s); served from memory and retried "
                         "until the database answers",
                         self._warn_after,
                         exc,
-                        extra={"user_id": str(user_id)},
                     )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
@@ -143,11 +143,9 @@ class WriteBack:
     async def _attempt(self, user_id: UUID, p: Pending) -> None:
         ok = await self._store.save_refreshed(user_id, p.previous_refresh, p.tokens, timeout=self._timeout)
         if ok:
-            log.info("rotated tokens written back", extra={"user_id": str(user_id)})
+            UserLog(log, user_id).info("rotated tokens written back")
         else:
-            log.warning(
-                "rotated tokens not written: the link changed meanwhile (new login)", extra={"user_id": str(user_id)}
-            )
+            UserLog(log, user_id).warning("rotated tokens not written: the link changed meanwhile (new login)")
         self._forget(user_id, p)
 
     def _forget(self, user_id: UUID, p: Pending) -> None:

@@ -14,11 +14,10 @@ import pytest
 from broker.circuit import CircuitBreaker
 from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import Secret, TokenResult, TokenStatus
-from broker.ports import NullObserver
+from broker.ports import GuardedIdp, NullObserver
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
-from broker.refresh.refresher import GuardedIdp
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.writeback import Pending, WriteBack
 from broker.tokens import TokenService

@@ -1,0 +1,162 @@
+"""The locked refresh of one link: the only place a refresh token is sent to the IdP."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from broker.errors import (
+    IdpNotConfigured,
+    IdpOutcomeUnknown,
+    IdpRejected,
+    IdpUnavailable,
+    RefreshInFlight,
+    StoreUnavailable,
+)
+from broker.logs import UserLog
+from broker.model import AccountState, Link, RefreshedTokens, Secret, TokenResult, TokenStatus, utcnow
+from broker.policy import is_expired, needs_refresh
+from broker.ports import GuardedIdp, LinkStore, LockedLink, RefreshObserver
+from broker.refresh.liveness import Liveness
+from broker.refresh.outcomes import fallback, refreshed
+from broker.refresh.rejections import RejectedTokens
+from broker.refresh.settings import RefreshSettings
+from broker.refresh.writeback import Pending, WriteBack
+
+log = logging.getLogger("broker.refresh")
+
+
+class LockedRefresh:
+    """Under the link's row lock (shared by every replica): re-read, decide whether the IdP is needed at all, mark the
+    token in flight with a live heartbeat, send it, and write the rotated tokens in the same transaction, or hand
+    them to the write-back when that fails. A rejection re-reads the row before it stands."""
+
+    def __init__(
+        self,
+        store: LinkStore,
+        idp: GuardedIdp,
+        settings: RefreshSettings,
+        *,
+        writeback: WriteBack,
+        liveness: Liveness,
+        rejected: RejectedTokens,
+        observer: RefreshObserver,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._store = store
+        self._idp = idp
+        self._settings = settings
+        self._writeback = writeback
+        self._liveness = liveness
+        self._rejected = rejected
+        self._obs = observer
+        self._clock = clock
+
+    async def refresh(self, seen: Link) -> TokenResult:
+        """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right."""
+        return await self._locked_refresh(seen, retry_on_rotation=True)
+
+    async def _locked_refresh(self, seen: Link, *, retry_on_rotation: bool) -> TokenResult:
+        uid = seen.user_id
+        tokens: RefreshedTokens | None = None
+        used = seen.refresh_token
+        waited_from = time.monotonic()
+        s = self._settings
+        try:
+            async with self._store.lock_link(uid, lock_timeout=s.lock_timeout, hold_timeout=s.hold_timeout) as locked:
+                self._obs.lock_waited(time.monotonic() - waited_from)
+                link = locked.link
+                early = self._answer_without_idp(seen, link)
+                if early is not None:
+                    return early
+                assert link is not None
+                used = link.refresh_token
+                tokens = await self._send(locked, link)
+                # From here on the IdP has rotated the refresh token: the new one must not be lost.
+                if not await locked.save(tokens):
+                    UserLog(log, uid).warning("refreshed link vanished under the lock")
+            self._liveness.release(uid, used)
+            return refreshed(tokens)
+        except IdpRejected as rejection:
+            return await self._after_rejection(seen, used, rejection, retry_on_rotation=retry_on_rotation)
+        except BaseException as exc:
+            if tokens is None:
+                raise
+            # The write or the commit failed (or timed out) after the IdP answered: keep and retry. Compare-and-set
+            # makes a retry after an unseen commit a no-op.
+            self._writeback.hold(uid, Pending(used, tokens))
+            if not isinstance(exc, Exception):
+                raise
+            UserLog(log, uid).warning("write-back of rotated tokens failed (%s); retrying", exc)
+            return refreshed(tokens)
+
+    def _answer_without_idp(self, seen: Link, link: Link | None) -> TokenResult | None:
+        """Under the lock, before any IdP call: the answers that need none. Raises RefreshInFlight when a live
+        holder elsewhere has this very refresh token at the IdP."""
+        if link is None:
+            return TokenResult.empty(TokenStatus.NO_LINK)
+        if link.account is AccountState.DISABLED:
+            return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
+        now = self._clock()
+        changed = link.refresh_token != seen.refresh_token or link.access_token != seen.access_token
+        if changed and not is_expired(link, now):
+            # Another caller or replica refreshed (or the user logged in) while we waited for the lock: its token is
+            # as fresh as a refresh of ours would be, whatever its lifetime. Use it.
+            return TokenResult(TokenStatus.REFRESHED, link.access_token, link.expiry, refreshed=True)
+        if not link.refresh_token:
+            return fallback(link, TokenStatus.EXPIRED, now)
+        if link.refresh_token in self._rejected:
+            return fallback(link, TokenStatus.REAUTH_REQUIRED, now)
+        idle = link.marker_idle_seconds
+        if idle is not None:
+            if idle < self._settings.holder_dead_after:
+                raise RefreshInFlight("refresh token already at the IdP from a live holder; not sending it again")
+            UserLog(log, link.user_id).warning(
+                "the holder of this refresh token's in-flight marker is gone (no heartbeat for %.1fs); taking it "
+                "over and sending the token once",
+                idle,
+            )
+        return None
+
+    async def _send(self, locked: LockedLink, link: Link) -> RefreshedTokens:
+        """Mark the token in flight (with a live heartbeat), send it, and settle the marker by the outcome."""
+        uid, used = link.user_id, link.refresh_token
+        await locked.mark_in_flight()
+        self._liveness.hold(uid, used)
+        try:
+            return await self._idp.refresh(used)
+        except IdpOutcomeUnknown:
+            # It may have rotated: the marker stays and dies with its heartbeat, then one replica sends once.
+            self._liveness.release(uid, used)
+            raise
+        except (IdpUnavailable, IdpRejected, IdpNotConfigured):
+            # The IdP said it did not rotate: lift the marker.
+            self._liveness.release(uid, used)
+            await locked.clear_in_flight()
+            raise
+        except BaseException:
+            self._liveness.release(uid, used)  # unknown outcome: as above, the marker stays
+            raise
+
+    async def _after_rejection(
+        self, seen: Link, used: Secret, rejection: IdpRejected, *, retry_on_rotation: bool
+    ) -> TokenResult:
+        uid = seen.user_id
+        try:
+            latest = await self._store.get_link(uid, timeout=self._settings.store_timeout)
+        except StoreUnavailable:
+            latest = None  # cannot tell whether it was rotated meanwhile; the rejection stands
+        if latest is not None and latest.refresh_token and latest.refresh_token != used:
+            UserLog(log, uid).info("refresh token was rotated meanwhile; using the new state")
+            if retry_on_rotation and needs_refresh(latest, self._clock(), self._settings.leeway):
+                return await self._locked_refresh(latest, retry_on_rotation=False)
+            return fallback(latest, TokenStatus.REAUTH_REQUIRED, self._clock())
+        self._rejected.remember(used)
+        UserLog(log, uid).warning(
+            "identity provider rejected the refresh (%s); not retrying this refresh token for %ss",
+            rejection.error,
+            self._settings.reauth_backoff,
+        )
+        return fallback(latest or seen, TokenStatus.REAUTH_REQUIRED, self._clock())
