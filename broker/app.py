@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class App:
         self.idp = idp
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
+        self._entry: RpcEntry | None = None
         self._health = health.aio.HealthServicer()
         self._stopping = asyncio.Event()
 
@@ -165,8 +167,9 @@ class App:
 
     def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
         s = self.settings
+        self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper)
         server = grpc.aio.server(
-            interceptors=[RpcEntry(self.metrics, SERVICE_NAME, gatekeeper)],
+            interceptors=[self._entry],
             options=[
                 ("grpc.max_receive_message_length", s.max_request_bytes),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -243,17 +246,28 @@ class App:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.health_interval)
 
-    async def stop(self) -> None:
-        """Health NOT_SERVING, optional drain delay, stop with grace, then close everything in reverse order."""
+    async def stop(self, *, stop_server: bool = True) -> None:
+        """Health NOT_SERVING; the optional drain delay (still serving, while load balancers notice); then every new
+        call is answered UNAVAILABLE (safe to retry) while the calls in flight finish within the grace; everything
+        closes in reverse order; then the server stops.
+
+        `stop_server=False` (the `serve` process) leaves the transport to the process exit: gRPC's own server stop
+        cancels the calls it has received but not yet dispatched (CANCELLED, which no client retries), whereas a
+        closed connection is UNAVAILABLE to them, which every client may retry."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         await self._health.enter_graceful_shutdown()
+        deadline = time.monotonic() + self.settings.drain_delay + self.settings.shutdown_grace
         if self._server is not None:
             if self.settings.drain_delay:
                 await asyncio.sleep(self.settings.drain_delay)
-            await self._server.stop(self.settings.shutdown_grace)
+            if self._entry is not None:
+                self._entry.start_draining()
+                await self._entry.quiesce(deadline)
         await self._stack.aclose()
+        if self._server is not None and stop_server:
+            await self._server.stop(max(deadline - time.monotonic(), 0.0))
         log.info("token-broker stopped")
 
 
@@ -290,4 +304,4 @@ async def serve(settings: Settings) -> None:
         raise
     await stop.wait()
     log.info("shutdown requested")
-    await app.stop()
+    await app.stop(stop_server=False)  # the caller exits the process (see App.stop)

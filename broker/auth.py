@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from broker.calls import Rejected
 from broker.errors import ConfigError
 
 log = logging.getLogger("broker.auth")
@@ -117,18 +118,18 @@ class CallerGate:
             scheme, _, value = bearer.partition(" ")
             name = self._tokens.identify(value.strip()) if scheme.lower() == "bearer" else None
             if name is None:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
+                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
             identities.append(f"token:{name}")
         if not identities and self._require:
-            await context.abort(
+            raise Rejected(
                 grpc.StatusCode.UNAUTHENTICATED, "caller identity required: a client certificate or a caller token"
             )
         caller = self._pick(identities)
         if self._allowed and caller is None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "caller is not allowed to request tokens")
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "caller is not allowed to request tokens")
         key = caller or (identities[0] if identities else _peer_host(context.peer()))
         if self._inflight[key] >= self._max:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent requests from this caller")
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent requests from this caller")
         self._inflight[key] += 1
 
         def release() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import grpc
+
 from broker.model import TokenResult
 
 
@@ -25,3 +27,13 @@ def record_result(user_id: str, result: TokenResult) -> None:
     if record is not None:
         record.user_id = user_id
         record.result = result
+
+
+class Rejected(Exception):
+    """An RPC refused with a gRPC status. Raised by the servicer and the gatekeeper; the entry point records the
+    call (metrics, audit line) first and only then sends the status, so a scrape right after sees it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

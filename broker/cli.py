@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import grpc
@@ -85,12 +87,21 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from broker.app import serve
 
         asyncio.run(serve(settings))
-        return 0
+        _exit_now(0)
     except BrokerError as exc:
         print(f"token-broker: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the `serve` process once everything is closed: the open gRPC connections close with it, and calls still
+    on their way get UNAVAILABLE (retryable) rather than the CANCELLED of gRPC's own server stop."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _password(dsn: str) -> str | None:

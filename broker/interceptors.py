@@ -7,11 +7,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from broker.calls import CallRecord, current_call
+from broker.calls import CallRecord, Rejected, current_call
 from broker.metrics import Metrics
 from broker.ports import Gatekeeper
 
@@ -21,6 +22,13 @@ audit_log = logging.getLogger("broker.audit")
 
 def _noop() -> None:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Unparsable:
+    """A request whose bytes are not a valid message (kept out of logs: only its size)."""
+
+    size: int
 
 
 class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped (Any)
@@ -33,6 +41,8 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
         self._protected = protected_service
         self._gate = gatekeeper
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._draining = False
+        self._in_flight = 0
 
     async def intercept_service(
         self,
@@ -49,6 +59,20 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
         self._wrapped[details.method] = wrapped  # one entry per registered method
         return wrapped
 
+    def start_draining(self) -> None:
+        """Shutdown has begun: every call that reaches a handler from now on is answered UNAVAILABLE at once, which
+        a client may retry safely (nothing was started for it)."""
+        self._draining = True
+
+    async def quiesce(self, deadline: float, *, settle: float = 0.3) -> None:
+        """While draining: give the calls that already reached the server `settle` seconds to reach a handler (and
+        be answered), then return at a moment when no call is inside a handler, or at `deadline`."""
+        settle_until = min(time.monotonic() + settle, deadline)
+        while time.monotonic() < deadline:
+            if time.monotonic() >= settle_until and not self._in_flight:
+                return
+            await asyncio.sleep(0.005)
+
     def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, method = full_method.lstrip("/").rpartition("/")
         protected = service == self._protected
@@ -59,18 +83,48 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
         started_total = m.grpc_started.labels(*labels)
         handling_seconds = m.grpc_seconds.labels(*labels)
         handled: dict[grpc.StatusCode, Any] = {}
+        deserialize = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            # The generated deserializer fails outside any handler (UNKNOWN and a traceback from grpc's core):
+            # hand the failure to the handler instead, where it becomes INVALID_ARGUMENT.
+            try:
+                return deserialize(data) if deserialize is not None else data
+            except Exception:
+                return _Unparsable(len(data))
+
+        def finish(code: grpc.StatusCode, started: float, context: Any, record: CallRecord) -> None:
+            elapsed = time.perf_counter() - started
+            child = handled.get(code)
+            if child is None:
+                child = handled[code] = m.grpc_handled.labels(*labels, code.name)
+            child.inc()
+            handling_seconds.observe(elapsed)
+            self._finish(full_method, protected, code, elapsed, context, record)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             record = CallRecord()
             token = current_call.set(record)
             started_total.inc()
+            self._in_flight += 1
             code = grpc.StatusCode.OK
             release = _noop
+            finished = False
             try:
+                if self._draining:
+                    raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry")
                 if protected:
                     record.caller, release = await gate.admit(context, context.invocation_metadata() or ())
+                if isinstance(request, _Unparsable):
+                    log.warning("request body is not a valid message (%d bytes) in %s", request.size, full_method)
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "request body is not a valid protobuf message")
                 return await inner(request, context)
+            except Rejected as rejected:
+                code = rejected.code
+                finished = True
+                finish(code, started, context, record)  # recorded before the status reaches the caller
+                await context.abort(rejected.code, rejected.message)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -80,6 +134,8 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
             except Exception:
                 log.exception("unexpected error in %s", full_method)
                 code = grpc.StatusCode.INTERNAL
+                finished = True
+                finish(code, started, context, record)
                 try:
                     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 except grpc.aio.AbortError:
@@ -87,19 +143,15 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
                 except Exception:  # the call already ended (caller gone, status sent): nothing left to send
                     raise grpc.aio.AbortError() from None
             finally:
+                self._in_flight -= 1
                 release()
                 current_call.reset(token)
-                elapsed = time.perf_counter() - started
-                child = handled.get(code)
-                if child is None:
-                    child = handled[code] = m.grpc_handled.labels(*labels, code.name)
-                child.inc()
-                handling_seconds.observe(elapsed)
-                self._finish(full_method, protected, code, elapsed, context, record)
+                if not finished:
+                    finish(code, started, context, record)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=lenient,
             response_serializer=handler.response_serializer,
         )
 

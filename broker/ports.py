@@ -106,5 +106,5 @@ class Gatekeeper(Protocol):
     """Decides whether a caller may call the token service (implemented in broker.auth)."""
 
     async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
-        """Return (caller identity, release callback) or abort the RPC."""
+        """Return (caller identity, release callback), or raise broker.calls.Rejected."""
         ...

