@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
@@ -35,6 +37,17 @@ BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1)"
 ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 PING = "SELECT 1"
+
+#: Errors after which the connection is dead or in an unknown state: it is terminated, never reused.
+_BROKEN: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,  # SQLSTATE 08: connection failure
+    asyncpg.AdminShutdownError,  # pg_terminate_backend, a fast shutdown
+    asyncpg.CrashShutdownError,
+)
 
 #: Errors that mean "the database failed", as opposed to a bug in our SQL.
 _DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -140,34 +153,53 @@ class PostgresStore:
                 timeout=connect_timeout,
                 server_settings={"application_name": "token-broker"},
                 reset=_keep_session,
+                init=_watch_socket,
             )
         except _DB_ERRORS as exc:
             raise _translate(exc, "connecting") from None
         assert pool is not None
         return pool
 
-    async def run(self, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]]) -> T:
-        """One statement on a pooled connection; `timeout` bounds the pool wait and the statement together. A
-        connection whose statement timed out or failed at the transport is terminated, not reused."""
+    async def run(
+        self, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """One statement on a pooled connection; `timeout` bounds the pool waits and the statements together. A
+        connection whose statement failed at the transport or timed out is terminated, not reused. An idempotent
+        statement whose connection died under it (a killed backend) is tried once more on a fresh connection."""
+        deadline = time.monotonic() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                conn = await self._pool.acquire()
+            return await self._run_once(deadline, op)
+        except _BROKEN as exc:
+            if not idempotent or isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
+                raise _translate(exc, what) from None
+            log.info("connection died while %s (%s); trying once more on a fresh one", what, type(exc).__name__)
+            # Its siblings are likely dead too (a failover, backends terminated): replace every pooled connection
+            # as it is next used, so that the retry runs on a new one.
+            await self._pool.expire_connections()
+            try:
+                return await self._run_once(deadline, op)
+            except _DB_ERRORS as again:
+                raise _translate(again, what) from None
         except _DB_ERRORS as exc:
             raise _translate(exc, what) from None
+
+    async def _run_once(self, deadline: float, op: Callable[[PoolConnection], Awaitable[T]]) -> T:
+        async with asyncio.timeout_at(_loop_deadline(deadline)):
+            conn = await self._pool.acquire()
         broken = False
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(_loop_deadline(deadline)):
                 return await op(conn)
-        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        except _BROKEN:
             broken = True
-            raise _translate(exc, what) from None
-        except asyncpg.PostgresError as exc:
-            raise _translate(exc, what) from None
+            raise
         finally:
             await self._give_back(conn, broken)
 
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
-        row = await self.run(timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id))
+        row = await self.run(
+            timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id), idempotent=True
+        )
         return _link(user_id, row)
 
     @asynccontextmanager
@@ -249,6 +281,32 @@ class PostgresStore:
         except Exception:
             with suppress(Exception):
                 conn.terminate()
+
+
+#: Dead connections are found by the kernel, not by a query that hangs: keepalive probes after 10 s idle (every 5 s,
+#: 3 misses), and TCP_USER_TIMEOUT drops a connection whose sent data stays unacknowledged for 15 s.
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+USER_TIMEOUT_MS = 15_000
+
+
+async def _watch_socket(conn: asyncpg.Connection) -> None:
+    """Pool init hook: TCP keepalive and TCP_USER_TIMEOUT on the connection's socket (a Unix socket has none)."""
+    transport = getattr(conn, "_transport", None)  # asyncpg exposes no public accessor for its socket
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the running loop's clock (asyncio.timeout_at)."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

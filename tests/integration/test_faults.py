@@ -19,9 +19,12 @@ from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, running_broker
 from tests.support.pg import Database
+from tests.support.proxy import proxied
 
 
-async def hammer(target: str, uid: uuid.UUID, callers: int, until: asyncio.Event) -> collections.Counter[str]:
+async def hammer(
+    target: str, uid: uuid.UUID, callers: int, until: asyncio.Event, latencies: list[float] | None = None
+) -> collections.Counter[str]:
     """`callers` concurrent callers on 5 channels, each calling in a loop until `until` is set; codes counted."""
     codes: collections.Counter[str] = collections.Counter()
     channels = [grpc.aio.insecure_channel(target) for _ in range(5)]
@@ -30,9 +33,12 @@ async def hammer(target: str, uid: uuid.UUID, callers: int, until: asyncio.Event
     async def caller(i: int) -> None:
         stub = pb_grpc.TokenBrokerStub(channels[i % len(channels)])
         while not until.is_set():
+            started = time.monotonic()
             try:
-                await stub.GetOIDCAccessToken(request, timeout=5)
-                codes["OK"] += 1
+                r = await stub.GetOIDCAccessToken(request, timeout=30)
+                if latencies is not None:
+                    latencies.append(time.monotonic() - started)
+                codes["OK" if r.access_token else pb.TokenStatus.Name(r.status)] += 1
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -97,4 +103,59 @@ async def test_bytes_that_are_not_a_request_are_invalid_argument(
     assert not any(r.exc_info for r in caplog.records)  # no traceback
     audits = [r for r in caplog.records if r.name == "broker.audit"]
     assert [getattr(r, "grpc_code", None) for r in audits] == ["INVALID_ARGUMENT"] * len(cases)
-    assert "\\xff" not in caplog.text and "8d1f2c6e" not in caplog.text
+    assert "\\xff" not in caplog.text
+    assert "8d1f2c6e" not in caplog.text
+
+
+# -- killed backends ----------------------------------------------------------------------------------------------
+
+
+async def test_killing_every_pool_connection_under_load_fails_no_request(db: Database) -> None:
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
+    async with running_broker(broker_env(db, BROKER_DB_POOL_MIN="10", BROKER_DB_POOL_MAX="10")) as b:
+        until = asyncio.Event()
+        load = asyncio.create_task(hammer(b.target, uid, 50, until))
+        await asyncio.sleep(1.0)
+        admin = await db.admin()
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND application_name = 'token-broker'",
+                db.name,
+            )
+        finally:
+            await admin.close()
+        await asyncio.sleep(1.5)
+        until.set()
+        codes = await load
+    print(f"\nkilled {killed} backends under 50 callers: {dict(codes)}")
+    assert killed >= 5
+    assert set(codes) == {"OK"}, codes
+
+
+# -- a silent network ---------------------------------------------------------------------------------------------
+
+
+async def test_a_silent_database_network_is_answered_within_the_request_timeout(db: Database) -> None:
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
+    async with proxied(db) as (proxy, url):
+        env = broker_env(db, BROKER_DATABASE_URL=url, BROKER_REQUEST_TIMEOUT="2", BROKER_HEALTH_INTERVAL="60")
+        async with running_broker(env) as b:
+            until = asyncio.Event()
+            latencies: list[float] = []
+            load = asyncio.create_task(hammer(b.target, uid, 20, until, latencies))
+            await asyncio.sleep(0.5)
+            proxy.silence()
+            await asyncio.sleep(5.0)
+            proxy.heal()
+            await asyncio.sleep(2.5)
+            until.set()
+            codes = await load
+            after = await b.get(uid)
+    print(f"\n5 s silent partition, 20 callers: {dict(codes)}, max latency {max(latencies):.2f}s")
+    assert max(latencies) < 2.5
+    assert set(codes) <= {"OK", "TOKEN_STATUS_STORE_UNAVAILABLE"}
+    assert codes["TOKEN_STATUS_STORE_UNAVAILABLE"] > 0
+    assert (after.status, after.access_token) == (pb.TOKEN_STATUS_VALID, "tok")  # recovered

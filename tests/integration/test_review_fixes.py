@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -20,7 +19,7 @@ from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, running_broker
 from tests.support.pg import SERVICE_ROLE, Database
-from tests.support.proxy import FaultyProxy
+from tests.support.proxy import proxied
 from tests.support.token_endpoint import Scripted, TokenEndpoint
 
 
@@ -272,23 +271,6 @@ async def test_a_hanging_discovery_is_bounded_by_the_idp_timeout(db: Database, e
 
 
 # -- 7 and 3. a silent network in the middle of the locked transaction --------------------------------------------
-
-
-def through(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)
-    netloc = f"{host[0]}@127.0.0.1:{port}" if len(host) == 2 else f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-@asynccontextmanager
-async def proxied(db: Database) -> AsyncIterator[tuple[FaultyProxy, str]]:
-    parts = urlsplit(db.service_url)
-    proxy = await FaultyProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
-    try:
-        yield proxy, through(db.service_url, proxy.port)
-    finally:
-        await proxy.close()
 
 
 async def test_a_commit_through_a_silent_network_is_bounded_and_the_rotation_written_later(

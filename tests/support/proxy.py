@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+from tests.support.pg import Database
 
 
 class FaultyProxy:
@@ -73,3 +78,20 @@ class FaultyProxy:
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
+
+
+def through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)
+    netloc = f"{host[0]}@127.0.0.1:{port}" if len(host) == 2 else f"127.0.0.1:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@asynccontextmanager
+async def proxied(db: Database) -> AsyncIterator[tuple[FaultyProxy, str]]:
+    parts = urlsplit(db.service_url)
+    proxy = await FaultyProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    try:
+        yield proxy, through(db.service_url, proxy.port)
+    finally:
+        await proxy.close()
