@@ -4,11 +4,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 NODE_STAMP := tests/idp/node_modules/.installed
+SYSTEM_STAMP := $(VENV)/.installed-system
 TOOLS  := .tools
 
 .PHONY: install run test unit lint fmt typecheck precommit proto proto-check buf check bench helm-lint clean
 
-install: $(STAMP) $(NODE_STAMP)
+install: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
+
+# Debian packages the tests start themselves: PgBouncer (transaction pooling in front of the test PostgreSQL).
+$(SYSTEM_STAMP): $(STAMP)
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null)
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +30,7 @@ $(NODE_STAMP): tests/idp/package.json tests/idp/package-lock.json
 run: $(STAMP)
 	$(VENV)/bin/token-broker dev
 
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m pytest
 
 # The fast map: the unit tests alone, no PostgreSQL, no Node, no sockets (seconds).
@@ -61,7 +68,7 @@ buf: $(STAMP)
 helm-lint: $(STAMP)
 	$(PY) -m tests.support.helm lint
 
-bench: $(STAMP) $(NODE_STAMP)
+bench: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) -m bench.run
 

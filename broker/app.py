@@ -137,6 +137,7 @@ class App:
             min_size=min(s.db_pool_min, s.db_pool_max),
             max_size=s.db_pool_max,
             connect_timeout=s.request_timeout,
+            statement_cache=s.db_statement_cache,
         )
         self._stack.push_async_callback(pool.close)
         store = PostgresStore(pool)

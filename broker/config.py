@@ -39,6 +39,9 @@ class Settings:
     db_pool_max: int = 10
     """BROKER_DB_POOL_MAX (at least 2): a refresh holds its locked connection across the IdP call and briefly a
     second one for the in-flight marker; refreshes use at most half of the pool."""
+    db_statement_cache: bool = True
+    """BROKER_DB_STATEMENT_CACHE: asyncpg's prepared-statement cache. Set false behind PgBouncer in transaction
+    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0)."""
     listen: str = "127.0.0.1:50051"
     """BROKER_LISTEN: host:port of the gRPC server."""
     metrics_listen: str = "127.0.0.1:9464"
@@ -165,6 +168,7 @@ def _read(r: EnvReader) -> Settings:
         db_service_role=role,
         db_pool_min=r.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
         db_pool_max=r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
+        db_statement_cache=r.boolean("BROKER_DB_STATEMENT_CACHE", _D.db_statement_cache),
         listen=r.address("BROKER_LISTEN", _D.listen),
         metrics_listen=r.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
         log_level=log_level,

@@ -144,7 +144,11 @@ class PostgresStore:
         self._pool = pool
 
     @staticmethod
-    async def create_pool(dsn: str, *, min_size: int, max_size: int, connect_timeout: float) -> asyncpg.Pool:
+    async def create_pool(
+        dsn: str, *, min_size: int, max_size: int, connect_timeout: float, statement_cache: bool = True
+    ) -> asyncpg.Pool:
+        """The pool. Without the statement cache every statement is an unnamed prepared statement, which PgBouncer
+        in transaction pooling accepts (named ones would meet another client's server connection)."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -154,6 +158,7 @@ class PostgresStore:
                 server_settings={"application_name": "token-broker"},
                 reset=_keep_session,
                 init=_watch_socket,
+                statement_cache_size=100 if statement_cache else 0,
             )
         except _DB_ERRORS as exc:
             raise _translate(exc, "connecting") from None

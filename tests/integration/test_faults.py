@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,8 +19,18 @@ import pytest
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, running_broker
+from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
+from tests.support.pgbouncer import PgBouncer
+from tests.support.pgbouncer import available as pgbouncer_available
 from tests.support.proxy import proxied
+
+
+async def expired_user(db: Database, idp: OidcTestProvider) -> tuple[uuid.UUID, str]:
+    uid = uuid.uuid4()
+    issued = await idp.login(f"user-{uid}")
+    await db.insert_link(uid, issued.access_token, issued.refresh_token, datetime.now(UTC) - timedelta(minutes=5))
+    return uid, issued.access_token
 
 
 async def hammer(
@@ -159,3 +170,49 @@ async def test_a_silent_database_network_is_answered_within_the_request_timeout(
     assert set(codes) <= {"OK", "TOKEN_STATUS_STORE_UNAVAILABLE"}
     assert codes["TOKEN_STATUS_STORE_UNAVAILABLE"] > 0
     assert (after.status, after.access_token) == (pb.TOKEN_STATUS_VALID, "tok")  # recovered
+
+
+# -- PgBouncer in transaction pooling -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bouncer(db: Database) -> Iterator[PgBouncer]:
+    if not pgbouncer_available():
+        pytest.fail("pgbouncer is not installed (`make test` installs Debian's package)")
+    pb_ = PgBouncer(db.admin_url, db.name, ["token_broker", "postgres"])
+    yield pb_
+    pb_.stop()
+
+
+async def test_pgbouncer_transaction_pooling_valid_refresh_and_stampedes(
+    db: Database, idp: OidcTestProvider, bouncer: PgBouncer, tmp_path: Path
+) -> None:
+    env = broker_env(db, idp, BROKER_DATABASE_URL=bouncer.url(db.service_url), BROKER_DB_STATEMENT_CACHE="false")
+    valid = uuid.uuid4()
+    await db.insert_link(valid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
+    stampede, old = await expired_user(db, idp)
+    replicas_user, _ = await expired_user(db, idp)
+    before = idp.stats()
+    async with running_broker(env) as b:
+        answers = await asyncio.gather(*(b.get(valid) for _ in range(200)))
+        assert {(a.status, a.access_token) for a in answers} == {(pb.TOKEN_STATUS_VALID, "tok")}
+        crowd = await asyncio.gather(*(b.get(stampede, timeout=20) for _ in range(100)))
+    assert len({a.access_token for a in crowd}) == 1
+    assert old not in {a.access_token for a in crowd}
+    assert {a.status for a in crowd} <= {pb.TOKEN_STATUS_REFRESHED, pb.TOKEN_STATUS_VALID}
+    replicas = [BrokerProcess(env, tmp_path / f"r{i}.log") for i in range(2)]
+    try:
+        channels = [grpc.aio.insecure_channel(r.target) for r in replicas]
+        request = pb.GetOIDCAccessTokenRequest(user_id=str(replicas_user))
+        both = await asyncio.gather(
+            *(pb_grpc.TokenBrokerStub(c).GetOIDCAccessToken(request, timeout=20) for c in channels for _ in range(50))
+        )
+        for c in channels:
+            await c.close()
+    finally:
+        for r in replicas:
+            r.stop()
+    assert len({a.access_token for a in both}) == 1
+    assert "" not in {a.access_token for a in both}
+    d = {k: idp.stats()[k] - before[k] for k in before}
+    assert (d["refresh_success"], d["invalid_grant"], d["grants_revoked"]) == (2, 0, 0)
