@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 import time
@@ -24,6 +25,7 @@ from tests.support.pg import Database
 from tests.support.pgbouncer import PgBouncer
 from tests.support.pgbouncer import available as pgbouncer_available
 from tests.support.proxy import proxied
+from tests.support.token_endpoint import TokenEndpoint
 
 
 async def expired_user(db: Database, idp: OidcTestProvider) -> tuple[uuid.UUID, str]:
@@ -216,3 +218,93 @@ async def test_pgbouncer_transaction_pooling_valid_refresh_and_stampedes(
     assert "" not in {a.access_token for a in both}
     d = {k: idp.stats()[k] - before[k] for k in before}
     assert (d["refresh_success"], d["invalid_grant"], d["grants_revoked"]) == (2, 0, 0)
+
+
+# -- a crashed replica --------------------------------------------------------------------------------------------
+
+
+async def _crash_while_refreshing(
+    db: Database, env: dict[str, str], uid: uuid.UUID, tmp_path: Path, *, after_answer: bool
+) -> tuple[pb.GetOIDCAccessTokenResponse, float]:
+    """Replica A (a process) starts the refresh and is SIGKILLed while the grant is at the IdP, or after the IdP
+    answered but before A could write; replica B is asked until it answers something other than IDP_UNAVAILABLE.
+    Returns B's answer and how long after the kill it came."""
+    async with proxied(db) as (proxy, url):
+        # Started from a thread: its readiness wait must not block the loop the proxy runs on.
+        a = await asyncio.to_thread(BrokerProcess, {**env, "BROKER_DATABASE_URL": url}, tmp_path / "a.log")
+        try:
+            async with grpc.aio.insecure_channel(a.target) as ch:
+                call = pb_grpc.TokenBrokerStub(ch).GetOIDCAccessToken(
+                    pb.GetOIDCAccessTokenRequest(user_id=str(uid)), timeout=10
+                )
+                task = asyncio.ensure_future(call)
+                await asyncio.sleep(0.5)  # A holds the lock; its grant is at the IdP (which answers after 1 s)
+                if after_answer:
+                    proxy.silence()  # A's write will hang: the IdP's answer reaches A, the database never does
+                    await asyncio.sleep(1.0)
+                a.kill()
+                proxy.cut()  # the dead pod's connections close
+                killed_at = time.monotonic()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await task
+        finally:
+            a.stop()
+    async with running_broker(env) as b:
+        while True:
+            r = await b.get(uid)
+            if r.status != pb.TOKEN_STATUS_IDP_UNAVAILABLE or time.monotonic() - killed_at > 30:
+                return r, time.monotonic() - killed_at
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("after_answer", [False, True], ids=["killed-at-the-idp", "killed-after-the-answer"])
+async def test_a_crashed_holder_with_an_idp_rotation_grace_keeps_the_user_logged_in(
+    db: Database, tmp_path: Path, after_answer: bool
+) -> None:
+    endpoint = TokenEndpoint(grace=30)
+    try:
+        endpoint.token_delay = 1.0
+        access, refresh = endpoint.issue()
+        uid = uuid.uuid4()
+        await db.insert_link(uid, access, refresh, datetime.now(UTC) - timedelta(minutes=5))
+        env = broker_env(db)
+        env.update(
+            BROKER_OIDC_ISSUER=endpoint.issuer, BROKER_OIDC_CLIENT_ID="broker", BROKER_OIDC_CLIENT_SECRET="secret"
+        )
+        r, took = await _crash_while_refreshing(db, env, uid, tmp_path, after_answer=after_answer)
+    finally:
+        endpoint.close()
+    print(f"\nwith grace, {'after the answer' if after_answer else 'at the IdP'}: {r.status} after {took:.1f}s")
+    assert r.status == pb.TOKEN_STATUS_REFRESHED
+    assert took < 5
+    assert endpoint.sent == [refresh, refresh]  # exactly one resend for the dead marker
+    assert endpoint.reused == 0
+
+
+@pytest.mark.parametrize("after_answer", [False, True], ids=["killed-at-the-idp", "killed-after-the-answer"])
+async def test_a_crashed_holder_without_grace_converges_within_seconds(
+    db: Database, idp: OidcTestProvider, tmp_path: Path, after_answer: bool
+) -> None:
+    uid, _ = await expired_user(db, idp)
+    env = broker_env(db, idp, BROKER_OIDC_TOKEN_URL=idp.token_url)
+    idp.set_fault("ok", delay_ms=1000)
+    before = idp.stats()
+    try:
+        r, took = await _crash_while_refreshing(db, env, uid, tmp_path, after_answer=after_answer)
+    finally:
+        idp.set_fault("ok")
+    d = {k: idp.stats()[k] - before[k] for k in before}
+    print(
+        f"\\nwithout grace, {'after the answer' if after_answer else 'at the IdP'}: {r.status} after {took:.1f}s; {d}"
+    )
+    assert took < 5
+    assert d["token_requests"] == 2  # never more than one send per dead marker
+    if after_answer:
+        # A's grant rotated the token and the new one died with A: the one resend is a reuse, the grant is revoked.
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
+        assert (d["refresh_success"], d["grants_revoked"]) == (1, 1)
+    else:
+        # oidc-provider drops a grant whose client went away before it answered: the token was never rotated, and
+        # the one resend succeeds.
+        assert r.status == pb.TOKEN_STATUS_REFRESHED
+        assert (d["refresh_success"], d["grants_revoked"]) == (1, 0)

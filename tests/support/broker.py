@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,7 +110,12 @@ class BrokerProcess:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve"], env=full, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "broker", "serve"],
+            env=full,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so a test can SIGKILL all of it
         )
         self.target = f"127.0.0.1:{self.port}"
         self.wait_ready()
@@ -130,7 +136,15 @@ class BrokerProcess:
                 time.sleep(0.1)
         raise RuntimeError("broker did not become ready")
 
+    def kill(self) -> None:
+        """SIGKILL the replica's process group, as an OOM kill or a lost node would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+
     def stop(self) -> int:
+        if self.proc.returncode is not None:
+            return self.proc.returncode
         self.proc.terminate()
         try:
             rc = self.proc.wait(timeout=15)
