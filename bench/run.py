@@ -32,6 +32,7 @@ from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import ROOT, BrokerProcess, broker_env
 from tests.support.pg import DatabaseFactory, PgServer
+from tests.support.pgbouncer import PgBouncer
 
 REQUESTS = 20000
 CLIENTS = 4
@@ -141,7 +142,10 @@ async def main() -> None:
         procs.append(echo)
         assert echo.stdout is not None
         assert echo.stdout.readline().strip() == b"ready"
-        broker = BrokerProcess(broker_env(db, BROKER_LOG_LEVEL="WARNING", BROKER_DB_POOL_MAX="10"), tmp / "b.log")
+        # Production defaults: INFO logging with one audit line per request, metrics on.
+        broker = BrokerProcess(
+            broker_env(db, BROKER_LOG_LEVEL="INFO", BROKER_DB_POOL_MAX="10"), tmp / "b.log", metrics=True
+        )
 
         expected = len(frame(ANSWER.SerializeToString()))
         with grpc.insecure_channel(broker.target) as channel:
@@ -156,6 +160,23 @@ async def main() -> None:
         measured2 = h2load(broker.port, body, expected_broker)
         rss = {"broker_kib": rss_kib(broker.proc.pid), "echo_kib": rss_kib(echo.pid)}
         broker.stop()
+        bouncer = PgBouncer(db.admin_url, db.name, ["token_broker"])
+        try:
+            via = BrokerProcess(
+                broker_env(
+                    db,
+                    BROKER_LOG_LEVEL="INFO",
+                    BROKER_DB_POOL_MAX="10",
+                    BROKER_DATABASE_URL=bouncer.url(db.service_url),
+                    BROKER_DB_STATEMENT_CACHE="false",
+                ),
+                tmp / "pgbouncer.log",
+                metrics=True,
+            )
+            through_bouncer = [h2load(via.port, body, expected_broker) for _ in range(2)]
+            via.stop()
+        finally:
+            bouncer.stop()
         elevation = await elevation_round_trips(db.admin_url, db.service_url, user)
 
         base_rps = max(baseline["rps"], baseline2["rps"])
@@ -167,6 +188,8 @@ async def main() -> None:
             "baseline_echo": [baseline, baseline2],
             "broker_valid_token": [measured, measured2],
             "throughput_ratio_broker_vs_echo": round(broker_rps / base_rps, 3),
+            "broker_via_pgbouncer_transaction_no_statement_cache": through_bouncer,
+            "throughput_ratio_pgbouncer_vs_direct": round(max(r["rps"] for r in through_bouncer) / broker_rps, 3),
             "memory": {**rss, "ratio": round(rss["broker_kib"] / max(rss["echo_kib"], 1), 2)},
             "elevation": {
                 **{k: round(v, 1) for k, v in elevation.items()},
@@ -175,7 +198,7 @@ async def main() -> None:
                 ),
             },
         }
-        for run in (*result["baseline_echo"], *result["broker_valid_token"]):
+        for run in (*result["baseline_echo"], *result["broker_valid_token"], *through_bouncer):
             if run["ok_by_bytes"] != REQUESTS:
                 raise SystemExit(f"h2load: only {run['ok_by_bytes']} of {REQUESTS} answers had the expected size")
         out = ROOT / "bench" / "results"
@@ -189,6 +212,10 @@ async def main() -> None:
         print(
             f"valid-token read: SECURITY DEFINER {elevation['security_definer_us']:.0f} us vs SET LOCAL ROLE "
             f"{elevation['set_local_role_us']:.0f} us ({result['elevation']['ratio_set_role_vs_definer']}x)"
+        )
+        print(
+            "valid token through PgBouncer (transaction pooling, no statement cache) vs direct: "
+            f"{result['throughput_ratio_pgbouncer_vs_direct']:.2f}"
         )
         print(f"RSS after load: broker {rss['broker_kib'] / 1024:.1f} MiB vs echo {rss['echo_kib'] / 1024:.1f} MiB")
     finally:

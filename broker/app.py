@@ -8,8 +8,10 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -269,6 +271,11 @@ class App:
         await self._stack.aclose()
         if self._server is not None and stop_server:
             await self._server.stop(max(deadline - time.monotonic(), 0.0))
+
+    async def quiesce(self) -> None:
+        """After stop(stop_server=False): return at a moment when no call is inside a handler (at most 1 s)."""
+        if self._entry is not None:
+            await self._entry.quiesce(time.monotonic() + 1.0, settle=0.0)
         log.info("token-broker stopped")
 
 
@@ -291,8 +298,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(settings: Settings, *, exit_process: Callable[[int], NoReturn] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    With `exit_process`, the process ends from inside the loop at a moment when no call is inside a handler: the
+    open connections close with it (UNAVAILABLE to calls still on their way), instead of gRPC's server stop or the
+    loop's teardown cancelling them (CANCELLED)."""
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -305,4 +316,7 @@ async def serve(settings: Settings) -> None:
         raise
     await stop.wait()
     log.info("shutdown requested")
-    await app.stop(stop_server=False)  # the caller exits the process (see App.stop)
+    await app.stop(stop_server=exit_process is None)
+    if exit_process is not None:
+        await app.quiesce()
+        exit_process(0)

@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _dev(env)
         from broker.app import serve
 
-        asyncio.run(serve(settings))
-        _exit_now(0)
+        asyncio.run(serve(settings, exit_process=_exit_now))
+        return 0
     except BrokerError as exc:
         print(f"token-broker: {exc}", file=sys.stderr)
         return 2

@@ -140,10 +140,11 @@ class BrokerProcess:
         """SIGKILL the replica's process group, as an OOM kill or a lost node would."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        self._log.close()
 
     def stop(self) -> int:
         if self.proc.returncode is not None:
+            if not self._log.closed:
+                self._log.close()
             return self.proc.returncode
         self.proc.terminate()
         try:
