@@ -73,7 +73,7 @@ def build_service(settings: Settings, store: LinkStore, idp: IdentityProvider | 
         observer=metrics,
     )
     metrics.bind_unpersisted(lambda: len(writeback))
-    tokens = TokenService(store, refresher, writeback, rs)
+    tokens = TokenService(store, refresher, writeback, rs, observer=metrics)
     return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback)
 
 

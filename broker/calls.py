@@ -17,16 +17,18 @@ class CallRecord:
     caller: str | None = None
     user_id: str | None = None
     result: TokenResult | None = None
+    reported: bool = False  # the request reported a rejected access token
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
 
 
-def record_result(user_id: str, result: TokenResult) -> None:
+def record_result(user_id: str, result: TokenResult, *, reported: bool = False) -> None:
     record = current_call.get()
     if record is not None:
         record.user_id = user_id
         record.result = result
+        record.reported = reported
 
 
 class Rejected(Exception):

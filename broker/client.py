@@ -6,6 +6,7 @@ gRPC service config, keepalive, and one channel reused for every call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,6 +79,14 @@ def _token(resp: pb.GetOIDCAccessTokenResponse) -> OIDCToken:
     return OIDCToken(resp.access_token, expires, status)
 
 
+def _request(user_id: str, rejected: str | None) -> pb.GetOIDCAccessTokenRequest:
+    """The request; `rejected` (an access token the upstream refused) travels only as its SHA-256."""
+    if not rejected:
+        return pb.GetOIDCAccessTokenRequest(user_id=user_id)
+    digest = hashlib.sha256(rejected.encode()).hexdigest()
+    return pb.GetOIDCAccessTokenRequest(user_id=user_id, rejected_token_sha256=digest)
+
+
 def _metadata(caller_token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {caller_token}"),) if caller_token else None
 
@@ -115,15 +124,20 @@ class TokenBrokerClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def get_oidc_access_token(self, user_id: str, *, timeout: float | None = None) -> OIDCToken:
+    async def get_oidc_access_token(
+        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
+    ) -> OIDCToken:
+        """The user's token. `rejected`: the access token an upstream just refused (HTTP 401); the broker then
+        refreshes it once for every caller that reports it, or answers "" with REAUTH_REQUIRED."""
         """Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
         resp = await self._stub.GetOIDCAccessToken(
-            pb.GetOIDCAccessTokenRequest(user_id=user_id), timeout=timeout or self._timeout, metadata=self._metadata
+            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=self._metadata
         )
         return _token(resp)
 
-    async def bearer_headers(self, user_id: str) -> dict[str, str]:
-        return (await self.get_oidc_access_token(user_id)).bearer_headers()
+    async def bearer_headers(self, user_id: str, *, rejected: str | None = None) -> dict[str, str]:
+        """{"Authorization": "Bearer ..."}, or {} when there is no usable token."""
+        return (await self.get_oidc_access_token(user_id, rejected=rejected)).bearer_headers()
 
 
 class SyncTokenBrokerClient:
@@ -159,11 +173,13 @@ class SyncTokenBrokerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def get_oidc_access_token(self, user_id: str, *, timeout: float | None = None) -> OIDCToken:
+    def get_oidc_access_token(
+        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
+    ) -> OIDCToken:
         resp = self._stub.GetOIDCAccessToken(
-            pb.GetOIDCAccessTokenRequest(user_id=user_id), timeout=timeout or self._timeout, metadata=self._metadata
+            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=self._metadata
         )
         return _token(resp)
 
-    def bearer_headers(self, user_id: str) -> dict[str, str]:
-        return self.get_oidc_access_token(user_id).bearer_headers()
+    def bearer_headers(self, user_id: str, *, rejected: str | None = None) -> dict[str, str]:
+        return self.get_oidc_access_token(user_id, rejected=rejected).bearer_headers()

@@ -56,6 +56,9 @@ class Settings:
     """BROKER_REFRESH_AHEAD: serve and refresh in the background this long before the leeway window (0 = off)."""
     refresh_lock_timeout: float = 8.0
     """BROKER_REFRESH_LOCK_TIMEOUT: the most a refresh waits for the per-link lock held by another replica."""
+    forced_refresh_interval: float = 30.0
+    """BROKER_FORCED_REFRESH_INTERVAL: at most one refresh per link forced by an upstream's rejection in this many
+    seconds; a rejection of the token it produced within it answers REAUTH_REQUIRED (seconds)."""
     reauth_backoff: float = 60.0
     """BROKER_REAUTH_BACKOFF: a rejected refresh token is not sent to the IdP again for this long (seconds)."""
     persist_retry_seconds: float = 30.0
@@ -176,6 +179,7 @@ def _read(r: EnvReader) -> Settings:
         refresh_leeway=r.seconds("BROKER_REFRESH_LEEWAY", _D.refresh_leeway, allow_zero=True),
         refresh_ahead=r.seconds("BROKER_REFRESH_AHEAD", _D.refresh_ahead, allow_zero=True),
         refresh_lock_timeout=r.seconds("BROKER_REFRESH_LOCK_TIMEOUT", _D.refresh_lock_timeout),
+        forced_refresh_interval=r.seconds("BROKER_FORCED_REFRESH_INTERVAL", _D.forced_refresh_interval),
         reauth_backoff=r.seconds("BROKER_REAUTH_BACKOFF", _D.reauth_backoff, allow_zero=True),
         persist_retry_seconds=r.seconds("BROKER_PERSIST_RETRY_SECONDS", _D.persist_retry_seconds),
         oidc_issuer=issuer,

@@ -185,6 +185,7 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
             user_id=record.user_id,
             status=result.status.value if result else None,
             refreshed=result.refreshed if result else False,
+            rejected_token_reported=record.reported,
             audit=True,
         )
         audit_log.info("token request", extra=fields)

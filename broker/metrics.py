@@ -28,6 +28,11 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _REMAINING_BUCKETS = (0, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400)
 REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable", "outcome_unknown", "error")
 
+#: refreshed: a new token; replaced: the stored token was already another one (no IdP call); loop_guard: a
+#: rejection of the token a forced refresh just produced; not_renewable: no refresh token or no IdP; failed: the
+#: refresh failed ("" with the usual status).
+FORCED_RESULTS = ("refreshed", "replaced", "loop_guard", "not_renewable", "failed")
+
 del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry's copies are not used
 
 
@@ -66,6 +71,14 @@ class Metrics:
         self.refresh_inflight = Gauge(
             "token_broker_refresh_inflight", "Refreshes running in this process.", registry=registry
         )
+        self.forced_refreshes = Counter(
+            "token_broker_forced_refreshes",
+            "Token requests that reported the stored access token as rejected by an upstream, by outcome.",
+            ["result"],
+            registry=registry,
+        )
+        for result in FORCED_RESULTS:
+            self.forced_refreshes.labels(result=result)
         self.persist_failures = Counter(
             "token_broker_refresh_persist_failures",
             "Refreshed tokens whose write-back still failed after retrying (kept in memory).",
@@ -130,3 +143,6 @@ class Metrics:
 
     def circuit_state(self, state: int) -> None:
         self.circuit.set(state)
+
+    def forced_refresh(self, result: str) -> None:
+        self.forced_refreshes.labels(result=result).inc()

@@ -20,6 +20,10 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
+    def sha256(self) -> bytes:
+        """SHA-256 of the value: what callers report of a rejected access token, and the markers store."""
+        return hashlib.sha256(self._value.encode()).digest()
+
     def fingerprint(self) -> str:
         """A short, non-reversible id for memory keys and debugging; never the value."""
         return hashlib.sha256(self._value.encode()).hexdigest()[:16]
@@ -58,6 +62,10 @@ class Link:
     encrypted: bool = False  # tokens are dbcrypt ciphertext the broker cannot read
     marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
     # its holder's last heartbeat. Only read under the refresh lock.
+    forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
+
+    def access_sha256(self) -> bytes:
+        return self.access_token.sha256()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,7 @@ class TokenResult:
     access_token: Secret = Secret("")  # noqa: RUF009 - Secret is immutable
     expiry: datetime | None = None
     refreshed: bool = False  # this request caused or joined a refresh at the IdP
+    failure: TokenStatus | None = None  # a VALID answer that is a fallback after this failure (never sent out)
 
     @staticmethod
     def empty(status: TokenStatus) -> TokenResult:

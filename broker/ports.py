@@ -29,6 +29,10 @@ class LockedLink(Protocol):
         """Lift that record (only the one for this link's refresh token) after the IdP said it did not rotate."""
         ...
 
+    async def note_forced(self) -> None:
+        """Record, in the locked transaction, that this refresh was forced by an upstream's rejection."""
+        ...
+
 
 class LinkStore(Protocol):
     """Reads and writes OIDC links under the elevated database role."""
@@ -82,6 +86,8 @@ class RefreshObserver(Protocol):
 
     def circuit_state(self, state: int) -> None: ...
 
+    def forced_refresh(self, result: str) -> None: ...
+
 
 class NullObserver:
     """A RefreshObserver that records nothing."""
@@ -99,6 +105,9 @@ class NullObserver:
         pass
 
     def circuit_state(self, state: int) -> None:
+        pass
+
+    def forced_refresh(self, result: str) -> None:
         pass
 
 

@@ -33,6 +33,16 @@ STATUS_TO_PROTO = {
 }
 
 
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def parse_fingerprint(text: str) -> bytes | None:
+    """A reported SHA-256 in hex (64 characters, either case), as bytes; ValueError for anything else."""
+    if len(text) != 64 or not _HEX64.fullmatch(text):
+        raise ValueError(text)
+    return bytes.fromhex(text)
+
+
 def parse_user_id(text: str) -> UUID | None:
     """The canonical 36-character UUID text form only; length is checked before any parsing."""
     if len(text) != 36 or not _UUID.fullmatch(text):
@@ -69,9 +79,18 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
                 "user_id must be a UUID in canonical text form (8-4-4-4-12 hex digits)",
             )
         remaining = context.time_remaining()
+        rejected = None
+        if request.rejected_token_sha256:
+            try:
+                rejected = parse_fingerprint(request.rejected_token_sha256)
+            except ValueError:
+                raise Rejected(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_token_sha256 must be the SHA-256 of the rejected access token in hex (64 characters)",
+                ) from None
         budget = self._request_timeout if remaining is None else min(remaining - _MARGIN, self._request_timeout)
         if budget <= 0:
             raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline too short to look up a token")
-        result = await self._tokens.get_token(user_id, budget)
-        record_result(request.user_id, result)
+        result = await self._tokens.get_token(user_id, budget, rejected)
+        record_result(request.user_id, result, reported=rejected is not None)
         return to_proto(result)

@@ -11,7 +11,6 @@ sent over the same (maybe silent) network path.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import socket
 import time
@@ -36,6 +35,7 @@ STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1)"
 ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
+NOTE_FORCED = "SELECT token_broker.note_forced_refresh($1)"
 PING = "SELECT 1"
 
 #: Errors after which the connection is dead or in an unknown state: it is terminated, never reused.
@@ -61,7 +61,7 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
 
 def refresh_sha256(token: Secret) -> bytes:
     """What the in-flight marker stores of a refresh token (the same digest as the SQL side computes)."""
-    return hashlib.sha256(token.reveal().encode()).digest()
+    return token.sha256()
 
 
 def _translate(exc: BaseException, what: str) -> StoreUnavailable:
@@ -88,6 +88,7 @@ def _link(user_id: UUID, row: asyncpg.Record | None) -> Link | None:
         account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
         encrypted=row["access_key_id"] is not None or row["refresh_key_id"] is not None,
         marker_idle_seconds=row.get("marker_idle_seconds", None),
+        forced_seconds_ago=row.get("forced_seconds_ago", None),
     )
 
 
@@ -119,6 +120,14 @@ class _Locked:
             )
         except StoreUnavailable:
             UserLog(log, args[0]).warning("in-flight marker not cleared; it dies with its heartbeat")
+
+    async def note_forced(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._conn.execute(NOTE_FORCED, self._user_id)
+        except _DB_ERRORS as exc:
+            self.broken = not isinstance(exc, asyncpg.PostgresError)
+            raise _translate(exc, "recording a forced refresh") from None
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from broker.errors import StoreUnavailable
+from broker.errors import IdpNotConfigured, StoreUnavailable
 from broker.logs import UserLog
-from broker.model import AccountState, TokenResult, TokenStatus, utcnow
+from broker.model import AccountState, Link, TokenResult, TokenStatus, utcnow
 from broker.policy import Decision, decide
-from broker.ports import LinkStore
+from broker.ports import LinkStore, NullObserver, RefreshObserver
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.writeback import WriteBack
 
@@ -48,8 +48,10 @@ class TokenService:
         writeback: WriteBack,
         settings: RefreshSettings,
         *,
+        observer: RefreshObserver | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        self._observer: RefreshObserver = observer or NullObserver()
         self._store = store
         self._refresher = refresher
         self._writeback = writeback
@@ -58,7 +60,8 @@ class TokenService:
         self._clock = clock
         self._lifetimes = Lifetimes()
 
-    async def get_token(self, user_id: UUID, budget: float) -> TokenResult:
+    async def get_token(self, user_id: UUID, budget: float, rejected: bytes | None = None) -> TokenResult:
+        """The user's token within `budget` seconds. `rejected`: SHA-256 of an access token an upstream refused."""
         deadline = time.monotonic() + budget
         try:
             link = await self._store.get_link(user_id, timeout=budget)
@@ -76,7 +79,13 @@ class TokenService:
         if link.encrypted:
             UserLog(log, user_id).error("link tokens are encrypted (dbcrypt); the broker cannot decrypt them")
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
-        if self._writeback.reconcile(link) is not None:
+        pending = self._writeback.reconcile(link)
+        if rejected is not None:
+            current = pending.tokens.access_token if pending is not None else link.access_token
+            if current and current.sha256() == rejected:
+                return await self._forced(link, deadline, rejected)
+            self._observer.forced_refresh("replaced")  # another caller or replica replaced it already: serve that
+        if pending is not None:
             # This process holds rotated tokens the row does not have yet: the refresher serves or lands them.
             return await self._refresher.refresh(link, deadline)
 
@@ -91,4 +100,14 @@ class TokenService:
             return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
         result = await self._refresher.refresh(link, deadline)
         self._lifetimes.note(user_id, result, self._clock())
+        return result
+
+    async def _forced(self, link: Link, deadline: float, rejected: bytes) -> TokenResult:
+        """The upstream refused the token this broker serves for the user: refresh now, or tell that the user must
+        log in again. Never the rejected token."""
+        if not link.refresh_token or isinstance(self._refresher.refusal(), IdpNotConfigured):
+            self._observer.forced_refresh("not_renewable")
+            return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)
+        result = await self._refresher.refresh(link, deadline, rejected=rejected)
+        self._lifetimes.note(link.user_id, result, self._clock())
         return result

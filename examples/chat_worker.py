@@ -4,6 +4,9 @@
 
 The rule of the original feature: with a token, send `Authorization: Bearer <token>`; without one (password login,
 expired, IdP down...), send the request without the header and let the upstream answer 401.
+
+When the upstream answers 401 to a token, the worker reports that token to the broker once (only its SHA-256 is
+sent) and retries once with what it gets: a refreshed token, or none (the user must log in again).
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ from broker.client import TokenBrokerClient
 
 async def call_mcp(broker: TokenBrokerClient, http: httpx2.AsyncClient, upstream: str, user_id: str) -> int:
     """One upstream request for `user_id`; returns the upstream's HTTP status."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
     headers = await broker.bearer_headers(user_id)
-    response = await http.post(upstream, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, headers=headers)
+    response = await http.post(upstream, json=body, headers=headers)
+    if response.status_code == 401 and headers:
+        refused = headers["Authorization"].removeprefix("Bearer ")
+        headers = await broker.bearer_headers(user_id, rejected=refused)
+        response = await http.post(upstream, json=body, headers=headers)
     return response.status_code
 
 

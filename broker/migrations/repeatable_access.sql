@@ -62,6 +62,8 @@ BEGIN
     -- Its own bookkeeping table, and nothing else of the broker's schema.
     REVOKE ALL ON token_broker.refresh_in_flight FROM PUBLIC;
     GRANT SELECT, INSERT, UPDATE, DELETE ON token_broker.refresh_in_flight TO token_broker_elevated;
+    REVOKE ALL ON token_broker.forced_refresh FROM PUBLIC;
+    GRANT SELECT, INSERT, UPDATE ON token_broker.forced_refresh TO token_broker_elevated;
     GRANT USAGE ON SCHEMA token_broker TO token_broker_elevated;
 
     -- Function owners need CREATE on the schema only while ownership is transferred.
@@ -85,7 +87,7 @@ BEGIN
     -- Older versions returned no (or another) marker column; CREATE OR REPLACE cannot change a return type.
     IF pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)') IS NOT NULL
        AND pg_catalog.pg_get_function_result(pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)'))
-           OPERATOR(pg_catalog.!~~) '%marker_idle_seconds%'
+           OPERATOR(pg_catalog.!~~) '%forced_seconds_ago%'
     THEN
         DROP FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid);
     END IF;
@@ -95,18 +97,21 @@ BEGIN
         CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link(p_user_id pg_catalog.uuid)
         RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
                        access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
-                       account_disabled pg_catalog.bool, marker_idle_seconds pg_catalog.float8)
+                       account_disabled pg_catalog.bool, marker_idle_seconds pg_catalog.float8,
+                       forced_seconds_ago pg_catalog.float8)
         LANGUAGE sql VOLATILE SECURITY DEFINER
         SET search_path = pg_catalog, pg_temp
         AS $body$
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
                    l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
-                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.heartbeat_at)
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.heartbeat_at),
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) fr.at)
             FROM public.user_links l %s
             LEFT JOIN token_broker.refresh_in_flight f
               ON f.user_id OPERATOR(pg_catalog.=) l.user_id
              AND f.refresh_sha256 OPERATOR(pg_catalog.=)
                  pg_catalog.sha256(pg_catalog.convert_to(l.oauth_refresh_token, 'UTF8'))
+            LEFT JOIN token_broker.forced_refresh fr ON fr.user_id OPERATOR(pg_catalog.=) l.user_id
             WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
               AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
             FOR UPDATE OF l
@@ -127,6 +132,16 @@ BEGIN
         ON CONFLICT (user_id) DO UPDATE
             SET refresh_sha256 = EXCLUDED.refresh_sha256, started_at = EXCLUDED.started_at,
                 heartbeat_at = EXCLUDED.heartbeat_at
+    $body$;
+
+    -- A forced refresh (an upstream rejected the access token) was written: called in the locked transaction.
+    CREATE OR REPLACE FUNCTION token_broker.note_forced_refresh(p_user_id pg_catalog.uuid)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.forced_refresh (user_id, at) VALUES (p_user_id, pg_catalog.clock_timestamp())
+        ON CONFLICT (user_id) DO UPDATE SET at = EXCLUDED.at
     $body$;
 
     -- The holder is alive: one statement per tick for every marker this process holds.
@@ -193,6 +208,7 @@ BEGIN
     ALTER FUNCTION token_broker.begin_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
     REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
 
     REVOKE ALL ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) FROM PUBLIC;
@@ -202,11 +218,14 @@ BEGIN
     REVOKE ALL ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) FROM PUBLIC;
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format(

@@ -54,11 +54,15 @@ class LockedRefresh:
         self._obs = observer
         self._clock = clock
 
-    async def refresh(self, seen: Link) -> TokenResult:
-        """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right."""
-        return await self._locked_refresh(seen, retry_on_rotation=True)
+    async def refresh(self, seen: Link, *, rejected: bytes | None = None) -> TokenResult:
+        """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right. `rejected`:
+        an upstream refused the access token with this SHA-256, so while the row still holds it, it is refreshed
+        whatever its expiry (once per link per `forced_interval`, across replicas)."""
+        return await self._locked_refresh(seen, retry_on_rotation=True, rejected=rejected)
 
-    async def _locked_refresh(self, seen: Link, *, retry_on_rotation: bool) -> TokenResult:
+    async def _locked_refresh(
+        self, seen: Link, *, retry_on_rotation: bool, rejected: bytes | None = None
+    ) -> TokenResult:
         uid = seen.user_id
         tokens: RefreshedTokens | None = None
         used = seen.refresh_token
@@ -68,16 +72,21 @@ class LockedRefresh:
             async with self._store.lock_link(uid, lock_timeout=s.lock_timeout, hold_timeout=s.hold_timeout) as locked:
                 self._obs.lock_waited(time.monotonic() - waited_from)
                 link = locked.link
-                early = self._answer_without_idp(seen, link)
+                early = self._answer_without_idp(seen, link, rejected=rejected)
                 if early is not None:
                     return early
                 assert link is not None
+                forced = rejected is not None and link.access_sha256() == rejected
                 used = link.refresh_token
                 tokens = await self._send(locked, link)
                 # From here on the IdP has rotated the refresh token: the new one must not be lost.
                 if not await locked.save(tokens):
                     UserLog(log, uid).warning("refreshed link vanished under the lock")
+                if forced:
+                    await locked.note_forced()
             self._liveness.release(uid, used)
+            if rejected is not None:
+                self._obs.forced_refresh("refreshed")
             return refreshed(tokens)
         except IdpRejected as rejection:
             return await self._after_rejection(seen, used, rejection, retry_on_rotation=retry_on_rotation)
@@ -92,7 +101,7 @@ class LockedRefresh:
             UserLog(log, uid).warning("write-back of rotated tokens failed (%s); retrying", exc)
             return refreshed(tokens)
 
-    def _answer_without_idp(self, seen: Link, link: Link | None) -> TokenResult | None:
+    def _answer_without_idp(self, seen: Link, link: Link | None, *, rejected: bytes | None) -> TokenResult | None:
         """Under the lock, before any IdP call: the answers that need none. Raises RefreshInFlight when a live
         holder elsewhere has this very refresh token at the IdP."""
         if link is None:
@@ -101,10 +110,26 @@ class LockedRefresh:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
         now = self._clock()
         changed = link.refresh_token != seen.refresh_token or link.access_token != seen.access_token
-        if changed and not is_expired(link, now):
+        forced = rejected is not None and link.access_sha256() == rejected
+        if rejected is not None and not forced:
+            changed = True  # the rejected token is gone already
+        if changed and not forced and not is_expired(link, now):
             # Another caller or replica refreshed (or the user logged in) while we waited for the lock: its token is
             # as fresh as a refresh of ours would be, whatever its lifetime. Use it.
+            if rejected is not None:
+                self._obs.forced_refresh("replaced")
             return TokenResult(TokenStatus.REFRESHED, link.access_token, link.expiry, refreshed=True)
+        if forced and not link.refresh_token:
+            self._obs.forced_refresh("not_renewable")
+            return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)
+        if forced and link.forced_seconds_ago is not None and link.forced_seconds_ago < self._settings.forced_interval:
+            # The token a forced refresh just produced is refused too: the upstream is wrong, not the token.
+            UserLog(log, link.user_id).warning(
+                "an upstream rejected the token of a forced refresh %.0fs ago; not refreshing again",
+                link.forced_seconds_ago,
+            )
+            self._obs.forced_refresh("loop_guard")
+            return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)
         if not link.refresh_token:
             return fallback(link, TokenStatus.EXPIRED, now)
         if link.refresh_token in self._rejected:

@@ -37,9 +37,10 @@ def failure_status(exc: BaseException) -> TokenStatus:
 
 
 def fallback(link: Link, status: TokenStatus, now: datetime) -> TokenResult:
-    """After a failed refresh: the stored token if it has not actually expired (VALID), else "" with `status`."""
+    """After a failed refresh: the stored token if it has not actually expired (VALID, remembering `status` as the
+    failure), else "" with `status`."""
     if not is_expired(link, now):
-        return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
+        return TokenResult(TokenStatus.VALID, link.access_token, link.expiry, failure=status)
     return TokenResult.empty(status)
 
 

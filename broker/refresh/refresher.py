@@ -61,14 +61,25 @@ class Refresher:
         self._flights: dict[UUID, asyncio.Task[TokenResult]] = {}
         self._slots = asyncio.Semaphore(max(1, settings.max_concurrent))
 
-    async def refresh(self, link: Link, deadline: float) -> TokenResult:
-        """Join (or start) the one refresh of this link; wait for it until `deadline` (time.monotonic())."""
-        task = self._flight(link)
+    async def refresh(self, link: Link, deadline: float, *, rejected: bytes | None = None) -> TokenResult:
+        """Join (or start) the one refresh of this link; wait for it until `deadline` (time.monotonic()).
+
+        `rejected`: the SHA-256 of link's access token, which an upstream refused. The refresh is then forced (or
+        any running one joined), and that token is never the answer: a failure answers "" with its status."""
+        task = self._flight(link, rejected)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=max(deadline - time.monotonic(), 0.0))
+            result = await asyncio.wait_for(asyncio.shield(task), timeout=max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
             UserLog(log, link.user_id).info("refresh still running when the caller's budget ran out")
-            return fallback(link, TokenStatus.IDP_UNAVAILABLE, self._clock())
+            result = fallback(link, TokenStatus.IDP_UNAVAILABLE, self._clock())
+        if rejected is not None and result.access_token and result.access_token.sha256() == rejected:
+            self._obs.forced_refresh("failed")
+            return TokenResult.empty(result.failure or TokenStatus.IDP_UNAVAILABLE)
+        return result
+
+    def refusal(self) -> BrokerError | None:
+        """Why no refresh could go out right now (no IdP, an open circuit), else None."""
+        return self._idp.refusal()
 
     def refresh_ahead(self, link: Link) -> None:
         """Start a background refresh (if none runs) without waiting for it."""
@@ -83,10 +94,10 @@ class Refresher:
         await self._writeback.drain(max(timeout - (time.monotonic() - started), 1.0))
         await self._liveness.close()
 
-    def _flight(self, link: Link) -> asyncio.Task[TokenResult]:
-        task = self._flights.get(link.user_id)
+    def _flight(self, link: Link, rejected: bytes | None = None) -> asyncio.Task[TokenResult]:
+        task = self._flights.get(link.user_id)  # any running refresh replaces the rejected token as well
         if task is None:
-            task = asyncio.create_task(self._run(link), name=f"refresh:{link.user_id}")
+            task = asyncio.create_task(self._run(link, rejected), name=f"refresh:{link.user_id}")
             self._flights[link.user_id] = task
             self._obs.inflight(+1)
             task.add_done_callback(functools.partial(self._landed, link.user_id))
@@ -97,10 +108,10 @@ class Refresher:
             del self._flights[user_id]
         self._obs.inflight(-1)
 
-    async def _run(self, seen: Link) -> TokenResult:
+    async def _run(self, seen: Link, rejected: bytes | None) -> TokenResult:
         ulog = UserLog(log, seen.user_id)
         try:
-            return await self._refresh(seen)
+            return await self._refresh(seen, rejected)
         except BrokerError as exc:
             ulog.warning("refresh not done: %s", exc)
             return fallback(seen, failure_status(exc), self._clock())
@@ -108,8 +119,13 @@ class Refresher:
             ulog.exception("refresh failed unexpectedly")
             return fallback(seen, TokenStatus.IDP_UNAVAILABLE, self._clock())
 
-    async def _refresh(self, seen: Link) -> TokenResult:
+    async def _refresh(self, seen: Link, rejected: bytes | None) -> TokenResult:
         pending = self._writeback.reconcile(seen)
+        if pending is not None and rejected is not None:
+            # The upstream refused the token we hold in memory: land it, then refresh from the row.
+            if not await self._writeback.land_now(seen.user_id):
+                raise StoreUnavailable("rotated tokens not written back yet; not refreshing until they are")
+            pending = None
         if pending is not None:
             # The row still holds the consumed refresh token. Never send it: serve ours, or land ours first.
             served = self._writeback.serve(pending)
@@ -127,6 +143,6 @@ class Refresher:
         except TimeoutError:
             raise RefreshLockTimeout("too many refreshes queued in this process") from None
         try:
-            return await self._locked.refresh(seen)
+            return await self._locked.refresh(seen, rejected=rejected)
         finally:
             self._slots.release()

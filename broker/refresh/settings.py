@@ -20,6 +20,8 @@ class RefreshSettings:
     """The IdP call's own timeout; with the lock timeout it bounds how long the locked transaction stays open."""
     reauth_backoff: float
     """A rejected refresh token is not sent again for this long."""
+    forced_interval: float
+    """At most one refresh per link forced by an upstream's rejection in this many seconds, across replicas."""
     persist_warn_after: float
     """A write-back still failing after this long is logged as an error and counted; it goes on being retried."""
     store_timeout: float
@@ -44,6 +46,7 @@ class RefreshSettings:
             lock_timeout=s.refresh_lock_timeout,
             idp_timeout=s.oidc_timeout,
             reauth_backoff=s.reauth_backoff,
+            forced_interval=s.forced_refresh_interval,
             persist_warn_after=s.persist_retry_seconds,
             store_timeout=s.request_timeout,
             max_concurrent=max(1, s.db_pool_max // 2),

@@ -31,10 +31,12 @@ TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus
 TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus
 
 class GetOIDCAccessTokenRequest(_message.Message):
-    __slots__ = ("user_id",)
+    __slots__ = ("user_id", "rejected_token_sha256")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKEN_SHA256_FIELD_NUMBER: _ClassVar[int]
     user_id: str
-    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+    rejected_token_sha256: str
+    def __init__(self, user_id: _Optional[str] = ..., rejected_token_sha256: _Optional[str] = ...) -> None: ...
 
 class GetOIDCAccessTokenResponse(_message.Message):
     __slots__ = ("access_token", "expires_at", "status")

@@ -1,5 +1,6 @@
 // A polyglot caller: Node.js with @grpc/grpc-js and @grpc/proto-loader, loading protos/ directly (no generated JS).
-// Usage: node grpc_client.mjs HOST:PORT USER_ID  -> prints {"code": ..., "status": ..., "access_token": ..., ...}
+// Usage: node grpc_client.mjs HOST:PORT USER_ID [REJECTED_ACCESS_TOKEN]  -> prints {"code": ..., "status": ..., "access_token": ..., ...}
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import grpc from '@grpc/grpc-js';
@@ -11,10 +12,13 @@ const definition = protoLoader.loadSync('broker/v1/token_broker.proto', {
   includeDirs: [protos], keepCase: true, enums: String, longs: String, defaults: true, oneofs: true,
 });
 const { broker } = grpc.loadPackageDefinition(definition);
-const [target, userId] = process.argv.slice(2);
+const [target, userId, rejected] = process.argv.slice(2);
+// An access token the upstream refused travels only as its SHA-256 (lower-case hex).
+const request = { user_id: userId };
+if (rejected) request.rejected_token_sha256 = createHash('sha256').update(rejected).digest('hex');
 const client = new broker.v1.TokenBroker(target, grpc.credentials.createInsecure());
 const deadline = new Date(Date.now() + 5000);
-client.GetOIDCAccessToken({ user_id: userId }, { deadline }, (err, resp) => {
+client.GetOIDCAccessToken(request, { deadline }, (err, resp) => {
   if (err) {
     process.stdout.write(`${JSON.stringify({ code: grpc.status[err.code], details: err.details })}\n`);
   } else {

@@ -58,7 +58,7 @@ server.listen(port, '127.0.0.1', () => {
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
     }],
-    features: { devInteractions: { enabled: true } },
+    features: { devInteractions: { enabled: true }, revocation: { enabled: true }, introspection: { enabled: true } },
     pkce: { required: () => false },
     rotateRefreshToken: true,
     ttl: { AccessToken: accessTtl, RefreshToken: 14 * 24 * 3600, Grant: 14 * 24 * 3600 },

@@ -25,6 +25,7 @@ from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from examples.chat_worker import call_mcp
 from tests.support.broker import ROOT, broker_env, running_broker
+from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
@@ -156,12 +157,16 @@ async def test_node_client_loading_protos_directly(db: Database) -> None:
     script = ROOT / "tests" / "idp" / "grpc_client.mjs"
     async with running_broker(broker_env(db)) as b:
 
-        def node(user: str) -> dict[str, object]:
-            out = subprocess.run(["node", str(script), b.target, user], capture_output=True, text=True, timeout=30)
+        def node(user: str, *rejected: str) -> dict[str, object]:
+            out = subprocess.run(
+                ["node", str(script), b.target, user, *rejected], capture_output=True, text=True, timeout=30
+            )
             assert out.returncode == 0, out.stderr
             return dict(json.loads(out.stdout))
 
         ok, none, bad = await asyncio.gather(*(asyncio.to_thread(node, u) for u in (str(oidc), str(password), "x")))
+        # No refresh token and no IdP here: a report of the stored token is REAUTH_REQUIRED, never that token.
+        reported = await asyncio.to_thread(node, str(oidc), "worker-token-abc")
     assert ok == {
         "code": "OK",
         "status": "TOKEN_STATUS_VALID",
@@ -169,6 +174,7 @@ async def test_node_client_loading_protos_directly(db: Database) -> None:
         "expires_at": str(int(expiry.timestamp())),
     }
     assert (none["status"], none["access_token"]) == ("TOKEN_STATUS_NO_LINK", "")
+    assert (reported["status"], reported["access_token"]) == ("TOKEN_STATUS_REAUTH_REQUIRED", "")
     assert bad["code"] == "INVALID_ARGUMENT"
 
 
@@ -194,3 +200,43 @@ async def test_grpcurl_lists_describes_and_calls_through_reflection(db: Database
     body = json.loads(called)
     assert body["access_token"] == "worker-token-abc"  # grpcurl 1.8 keeps proto field names
     assert body["status"] == "TOKEN_STATUS_VALID"
+
+
+async def test_chat_worker_reports_a_refused_token_and_retries_once(db: Database, idp: OidcTestProvider) -> None:
+    """The upstream refuses the first token (revoked on its side); the worker reports it and retries with the
+    refreshed one, which the upstream checks with the IdP."""
+    uid = uuid.uuid4()
+    issued = await idp.login(f"user-{uid}")
+    await db.insert_link(uid, issued.access_token, issued.refresh_token, datetime.now(UTC) + timedelta(hours=1))
+    seen: list[str] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            token = (self.headers.get("authorization") or "").removeprefix("Bearer ")
+            seen.append(token)
+            ok = bool(token) and token != issued.access_token and idp.active(token)
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    before = idp.stats()
+    try:
+        async with (
+            running_broker(broker_env(db, idp)) as b,
+            TokenBrokerClient(b.target) as client,
+            httpx2.AsyncClient(timeout=5) as http,
+        ):
+            status = await call_mcp(client, http, f"http://127.0.0.1:{server.server_address[1]}/mcp", str(uid))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert len(seen) == 2
+    assert seen[0] == issued.access_token
+    assert seen[1] not in ("", issued.access_token)
+    assert idp.stats()["refresh_success"] - before["refresh_success"] == 1

@@ -294,9 +294,7 @@ async def test_a_crashed_holder_without_grace_converges_within_seconds(
     finally:
         idp.set_fault("ok")
     d = {k: idp.stats()[k] - before[k] for k in before}
-    print(
-        f"\nwithout grace, {'after the answer' if after_answer else 'at the IdP'}: {r.status} after {took:.1f}s; {d}"
-    )
+    print(f"\nwithout grace, {'after the answer' if after_answer else 'at the IdP'}: {r.status} after {took:.1f}s; {d}")
     assert took < 5
     assert d["token_requests"] == 2  # never more than one send per dead marker
     if after_answer:

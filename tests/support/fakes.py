@@ -72,6 +72,7 @@ class FakeStore:
     faults: Faults = field(default_factory=Faults)
     after_lock: Callable[[], Awaitable[None]] | None = None
     events: list[str] = field(default_factory=list)
+    forced_at: dict[UUID, float] = field(default_factory=dict)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -112,7 +113,9 @@ class FakeStore:
         idle = None
         if marker is not None and marker.refresh_sha256 == _sha(row.refresh_token):
             idle = self.clock.monotonic() - marker.heartbeat
-        return replace(row, marker_idle_seconds=idle)
+        forced = self.forced_at.get(user_id)
+        ago = None if forced is None else self.clock.monotonic() - forced
+        return replace(row, marker_idle_seconds=idle, forced_seconds_ago=ago)
 
     def _cas(self, user_id: UUID, expected: Secret, tokens: RefreshedTokens) -> tuple[bool, Link | None]:
         row = self.rows.get(user_id)
@@ -176,6 +179,9 @@ class FakeLocked:
         if ok:
             self.staged = (self.link.refresh_token, tokens)
         return ok
+
+    async def note_forced(self) -> None:
+        self.store.forced_at[self.user_id] = self.store.clock.monotonic()
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None

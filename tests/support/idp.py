@@ -76,6 +76,24 @@ class OidcTestProvider:
             timeout=5,
         )
 
+    def revoke(self, token: str) -> None:
+        """Revoke an access token at the IdP (RFC 7009), as an administrator ending a session would."""
+        r = httpx2.post(
+            f"{self.issuer}/token/revocation",
+            data={"token": token, "token_type_hint": "access_token"},
+            auth=(CLIENT_ID, CLIENT_SECRET),
+            timeout=5,
+        )
+        r.raise_for_status()
+
+    def active(self, token: str) -> bool:
+        """Whether the IdP still considers an access token active (RFC 7662 introspection)."""
+        r = httpx2.post(
+            f"{self.issuer}/token/introspection", data={"token": token}, auth=(CLIENT_ID, CLIENT_SECRET), timeout=5
+        )
+        r.raise_for_status()
+        return bool(r.json().get("active"))
+
     def set_fault(self, mode: str = "ok", delay_ms: int = 0) -> None:
         r = httpx2.post(f"{self.issuer}/__test/fault", json={"mode": mode, "delay_ms": delay_ms}, timeout=5)
         r.raise_for_status()

@@ -29,6 +29,7 @@ SETTINGS = RefreshSettings(
     lock_timeout=1.0,
     idp_timeout=1.0,
     reauth_backoff=60.0,
+    forced_interval=30.0,
     persist_warn_after=30.0,
     store_timeout=1.0,
     max_concurrent=4,
@@ -374,3 +375,45 @@ class TestWriteBack:
         assert store.rows[user].refresh_token.reveal() == "refresh-1"
         assert user not in store.markers
         await liveness.close()
+
+
+class TestForcedRefresh:
+    """An upstream refused the access token the broker served: refresh once, never hand that token out again."""
+
+    async def test_a_rejected_token_is_refreshed_whatever_its_expiry(self) -> None:
+        c = make_core(tokens(1, FakeClock()), expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+
+    async def test_a_stale_report_is_answered_with_the_current_token_without_the_idp(self) -> None:
+        c = make_core(expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("some-older-token").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.VALID, "access-0")
+        assert c.idp.sent == []
+
+    async def test_the_token_a_forced_refresh_produced_is_not_refreshed_again_within_the_interval(self) -> None:
+        c = make_core(tokens(1, FakeClock()), tokens(2, FakeClock()), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-1").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REAUTH_REQUIRED, "")
+        c.clock.advance(SETTINGS.forced_interval + 1)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-1").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-2")
+
+    async def test_a_failed_forced_refresh_never_answers_the_rejected_token(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+
+    async def test_no_refresh_token_or_no_idp_is_reauth_required(self) -> None:
+        c = make_core(idp=NullIdentityProvider(), expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REAUTH_REQUIRED, "")
+
+    async def test_concurrent_reports_share_one_refresh(self) -> None:
+        c = make_core(tokens(1, FakeClock()), expired=False)
+        answers = await asyncio.gather(
+            *(c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256()) for _ in range(50))
+        )
+        assert {a.access_token.reveal() for a in answers} == {"access-1"}
+        assert len(c.idp.sent) == 1
