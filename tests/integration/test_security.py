@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker.app import App
 from broker.config import Settings
 from broker.errors import ConfigError
+from broker.model import Link
+from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import broker_env, running_broker
@@ -250,21 +252,26 @@ async def test_authentication_is_decided_before_any_database_access(db: Database
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+class HeldReads:
+    """A LinkStore over the real one whose reads wait for `gate`: calls stay in flight on cue."""
+
+    def __init__(self, inner: PostgresStore, gate: asyncio.Event) -> None:
+        self.inner, self.gate = inner, gate
+        self.lock_link, self.save_refreshed = inner.lock_link, inner.save_refreshed
+        self.heartbeat, self.ping = inner.heartbeat, inner.ping
+
+    async def get_link(self, user_id: uuid.UUID, *, timeout: float) -> Link | None:
+        await self.gate.wait()
+        return await self.inner.get_link(user_id, timeout=timeout)
+
+
 async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> None:
     uid = await _seed(db)
     env = broker_env(db, BROKER_CALLER_TOKENS_FILE=str(tokens_file), BROKER_MAX_CONCURRENT_PER_CALLER="2")
-    async with running_broker(env) as b:
-        gate = asyncio.Event()
-        from broker.tokens import TokenService
-
-        original = TokenService.get_token
-
-        async def slow(self: TokenService, user_id: uuid.UUID, budget: float):  # type: ignore[no-untyped-def]
-            await gate.wait()
-            return await original(self, user_id, budget)
-
-        TokenService.get_token = slow  # type: ignore[method-assign]
-        try:
+    gate = asyncio.Event()
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    try:
+        async with running_broker(env, store=HeldReads(PostgresStore(pool), gate)) as b:
             md = (("authorization", "Bearer worker-secret-token"),)
             req = pb.GetOIDCAccessTokenRequest(user_id=str(uid))
             held = [asyncio.ensure_future(b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)) for _ in range(2)]
@@ -276,8 +283,8 @@ async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> 
             )
             gate.set()
             assert all(r.access_token == "mtls-token" for r in await asyncio.gather(*held, other))
-        finally:
-            TokenService.get_token = original  # type: ignore[method-assign]
+    finally:
+        await pool.close()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
