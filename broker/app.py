@@ -22,6 +22,7 @@ from broker import __version__
 from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
+from broker.dbcrypt import Cipher, parse_keys
 from broker.errors import ConfigError
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
@@ -142,8 +143,15 @@ class App:
             statement_cache=s.db_statement_cache,
         )
         self._stack.push_async_callback(pool.close)
-        store = PostgresStore(pool)
+        cipher = None
+        if s.encryption_keys is not None:
+            cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
+        store = PostgresStore(pool, cipher)
         self.metrics.bind_pool(store.pool_stats)
+        if cipher is not None:
+            # Before anything is served: the keys must be the product's (the broker never inserts keys).
+            cipher.check(await store.dbcrypt_keys(timeout=s.request_timeout))
+            log.info("encryption at rest on", extra={"primary_key": cipher.primary_digest})
         self.store = store
         return store
 

@@ -32,6 +32,9 @@ class Settings:
     """BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: the service's login role. Required to serve."""
     migrate_database_url: Secret | None
     """BROKER_MIGRATE_DATABASE_URL(_FILE): an admin role for `migrate`; defaults to BROKER_DATABASE_URL."""
+    encryption_keys: Secret | None = None
+    """BROKER_ENCRYPTION_KEYS or BROKER_ENCRYPTION_KEYS_FILE: the Go product's external-token encryption keys, a
+    comma-separated list of base64 32-byte keys, primary first (it encrypts; the others only decrypt). Never logged."""
     db_service_role: str = "token_broker"
     """BROKER_DB_SERVICE_ROLE: the login role `migrate` grants EXECUTE to."""
     db_pool_min: int = 1
@@ -169,6 +172,7 @@ def _read(r: EnvReader) -> Settings:
         database_url=database_url,
         migrate_database_url=migrate_url,
         db_service_role=role,
+        encryption_keys=_keys(r),
         db_pool_min=r.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
         db_pool_max=r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
         db_statement_cache=r.boolean("BROKER_DB_STATEMENT_CACHE", _D.db_statement_cache),
@@ -213,6 +217,18 @@ def _read(r: EnvReader) -> Settings:
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
+
+
+def _keys(r: EnvReader) -> Secret | None:
+    keys = r.secret("BROKER_ENCRYPTION_KEYS")
+    if keys is not None:
+        from broker.dbcrypt import parse_keys  # only when configured: it loads `cryptography`
+
+        try:
+            parse_keys(keys.reveal())
+        except ValueError as exc:
+            r.errors.append(f"BROKER_ENCRYPTION_KEYS: {exc}")
+    return keys
 
 
 _D = Settings(database_url=None, migrate_database_url=None)  # the defaults, as written once in the dataclass

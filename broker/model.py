@@ -59,7 +59,14 @@ class Link:
     refresh_token: Secret
     expiry: datetime | None
     account: AccountState = AccountState.ACTIVE
-    encrypted: bool = False  # tokens are dbcrypt ciphertext the broker cannot read
+    unreadable: str | None = None  # why the stored tokens cannot be used (encrypted, no or a wrong key); never a value
+    refresh_stored: str | None = None  # the refresh token exactly as stored (ciphertext when encrypted at rest); the
+    # write-back's compare-and-set matches on it. None: stored as it is (plain text).
+
+    @property
+    def refresh_as_stored(self) -> str:
+        return self.refresh_token.reveal() if self.refresh_stored is None else self.refresh_stored
+
     marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
     # its holder's last heartbeat. Only read under the refresh lock.
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock

@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 from uuid import UUID
 
+from broker.dbcrypt import DbKey
 from broker.errors import BrokerError
 from broker.model import Link, RefreshedTokens, Secret
 
@@ -43,11 +44,13 @@ class LinkStore(Protocol):
         self, user_id: UUID, *, lock_timeout: float, hold_timeout: float
     ) -> AbstractAsyncContextManager[LockedLink]: ...
 
-    async def save_refreshed(
-        self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
-    ) -> bool:
-        """Write refreshed tokens outside any lock, only where the row still holds `previous_refresh` (or
-        already holds the new one); True when the row holds the new tokens afterwards."""
+    async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
+        """Write refreshed tokens outside any lock, only where the row still holds previous's refresh token as it was
+        read (or already holds the new one); True when the row holds the new tokens afterwards."""
+        ...
+
+    async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
+        """The product's dbcrypt_keys rows (digests and test values), for the start-up check of the keys."""
         ...
 
     async def heartbeat(self, held: Sequence[tuple[UUID, Secret]], *, timeout: float) -> None:

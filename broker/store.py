@@ -21,6 +21,7 @@ from uuid import UUID
 
 import asyncpg
 
+from broker.dbcrypt import Cipher, DbKey, DecryptFailed
 from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.logs import UserLog
 from broker.model import AccountState, Link, RefreshedTokens, Secret
@@ -31,8 +32,9 @@ T = TypeVar("T")
 
 GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
-STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5)"
-BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1)"
+STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5, $6, $7, $8)"
+BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1, $2)"
+DBCRYPT_KEYS = "SELECT * FROM token_broker.get_dbcrypt_keys()"
 ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 NOTE_FORCED = "SELECT token_broker.note_forced_refresh($1)"
@@ -59,11 +61,6 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def refresh_sha256(token: Secret) -> bytes:
-    """What the in-flight marker stores of a refresh token (the same digest as the SQL side computes)."""
-    return token.sha256()
-
-
 def _translate(exc: BaseException, what: str) -> StoreUnavailable:
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         # The grants or the elevation are missing: loud, because it is a deployment error, not an outage.
@@ -77,19 +74,68 @@ def _translate(exc: BaseException, what: str) -> StoreUnavailable:
     return StoreUnavailable(f"database error while {what}: {type(exc).__name__}")
 
 
-def _link(user_id: UUID, row: asyncpg.Record | None) -> Link | None:
-    if row is None:
-        return None
-    return Link(
-        user_id=user_id,
-        access_token=Secret(row["access_token"] or ""),
-        refresh_token=Secret(row["refresh_token"] or ""),
-        expiry=normalise_expiry(row["expiry"]),
-        account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
-        encrypted=row["access_key_id"] is not None or row["refresh_key_id"] is not None,
-        marker_idle_seconds=row.get("marker_idle_seconds", None),
-        forced_seconds_ago=row.get("forced_seconds_ago", None),
-    )
+class Codec:
+    """Stored values <-> tokens: plain text, or the product's dbcrypt when keys are configured."""
+
+    def __init__(self, cipher: Cipher | None) -> None:
+        self._cipher = cipher
+
+    def link(self, user_id: UUID, row: asyncpg.Record | None) -> Link | None:
+        if row is None:
+            return None
+        access, refresh, unreadable = self._open(row)
+        marker_sha, idle = row.get("marker_sha256", None), row.get("marker_idle_seconds", None)
+        return Link(
+            user_id=user_id,
+            access_token=Secret(access),
+            refresh_token=Secret(refresh),
+            expiry=normalise_expiry(row["expiry"]),
+            account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
+            unreadable=unreadable,
+            refresh_stored=row["refresh_token"] if row["refresh_key_id"] else None,
+            # The marker counts only for the token stored now (it holds the SHA-256 of the plain token).
+            marker_idle_seconds=idle if marker_sha is not None and marker_sha == Secret(refresh).sha256() else None,
+            forced_seconds_ago=row.get("forced_seconds_ago", None),
+        )
+
+    def _open(self, row: asyncpg.Record) -> tuple[str, str, str | None]:
+        """(access, refresh, why unreadable) of a row; plain rows as they are."""
+        values = []
+        for column, key_column in (("access_token", "access_key_id"), ("refresh_token", "refresh_key_id")):
+            stored, key_id = row[column] or "", row[key_column]
+            if not key_id:
+                values.append(stored)
+                continue
+            if self._cipher is None:
+                return "", "", f"tokens are encrypted at rest (key {key_id}); set BROKER_ENCRYPTION_KEYS"
+            try:
+                values.append(self._cipher.decrypt(stored, key_id))
+            except DecryptFailed as exc:
+                return "", "", str(exc)
+        return values[0], values[1], None
+
+    def seal(self, plain: Secret) -> tuple[str, str | None]:
+        """(stored value, key id) for a token being written: encrypted under the primary key when configured."""
+        if self._cipher is None:
+            return plain.reveal(), None
+        stored, key_id = self._cipher.encrypt(plain.reveal())
+        return stored, key_id
+
+    def store_args(self, user_id: UUID, previous: Link, tokens: RefreshedTokens) -> tuple[Any, ...]:
+        # No expiry is NULL, written by the SQL as the product's zero time: asyncpg would encode
+        # datetime(1, 1, 1, tzinfo=UTC) as '-infinity'.
+        access, access_key = self.seal(tokens.access_token)
+        refresh, refresh_key = self.seal(tokens.refresh_token)
+        return (
+            user_id,
+            previous.refresh_as_stored,
+            access,
+            refresh,
+            tokens.expiry,
+            access_key,
+            refresh_key,
+            previous.refresh_token.sha256(),
+        )
 
 
 PoolConnection = asyncpg.pool.PoolConnectionProxy  # what Pool.acquire() hands out
@@ -99,6 +145,7 @@ class _Locked:
     """A LockedLink: the row lock held by the open transaction on `conn`."""
 
     def __init__(self, store: PostgresStore, conn: PoolConnection, user_id: UUID, link: Link | None, timeout: float):
+        self._codec = store.codec
         self._store = store
         self._conn = conn
         self._user_id = user_id
@@ -108,12 +155,13 @@ class _Locked:
 
     async def mark_in_flight(self) -> None:
         """Committed at once on another connection, independent of the locked transaction."""
-        uid = self._user_id
-        await self._store.run(self._timeout, "marking the refresh in flight", lambda c: c.execute(BEGIN_REFRESH, uid))
+        assert self.link is not None
+        args = (self._user_id, self.link.refresh_token.sha256())
+        await self._store.run(self._timeout, "marking the refresh in flight", lambda c: c.execute(BEGIN_REFRESH, *args))
 
     async def clear_in_flight(self) -> None:
         assert self.link is not None
-        args = (self._user_id, refresh_sha256(self.link.refresh_token))
+        args = (self._user_id, self.link.refresh_token.sha256())
         try:
             await self._store.run(
                 self._timeout, "clearing the in-flight marker", lambda c: c.execute(ABANDON_REFRESH, *args)
@@ -131,7 +179,7 @@ class _Locked:
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
-        args = _store_args(self._user_id, self.link.refresh_token, tokens)
+        args = self._codec.store_args(self._user_id, self.link, tokens)
         try:
             async with asyncio.timeout(self._timeout):
                 return bool(await self._conn.fetchval(STORE_REFRESHED, *args))
@@ -140,17 +188,12 @@ class _Locked:
             raise _translate(exc, "writing refreshed tokens") from None
 
 
-def _store_args(user_id: UUID, previous: Secret, tokens: RefreshedTokens) -> tuple[Any, ...]:
-    # No expiry is NULL, written by the SQL as the product's zero time: asyncpg would encode
-    # datetime(1, 1, 1, tzinfo=UTC) as '-infinity'.
-    return (user_id, previous.reveal(), tokens.access_token.reveal(), tokens.refresh_token.reveal(), tokens.expiry)
-
-
 class PostgresStore:
     """LinkStore on an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, cipher: Cipher | None = None) -> None:
         self._pool = pool
+        self.codec = Codec(cipher)
 
     @staticmethod
     async def create_pool(
@@ -214,7 +257,7 @@ class PostgresStore:
         row = await self.run(
             timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id), idempotent=True
         )
-        return _link(user_id, row)
+        return self.codec.link(user_id, row)
 
     @asynccontextmanager
     async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[_Locked]:
@@ -245,7 +288,7 @@ class PostgresStore:
                 raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
             except _DB_ERRORS as exc:
                 raise _translate(exc, "taking the refresh lock") from None
-            locked = _Locked(self, conn, user_id, _link(user_id, row), statement)
+            locked = _Locked(self, conn, user_id, self.codec.link(user_id, row), statement)
             try:
                 yield locked
             except BaseException:
@@ -260,15 +303,17 @@ class PostgresStore:
         finally:
             await self._give_back(conn, broken)
 
-    async def save_refreshed(
-        self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
-    ) -> bool:
-        args = _store_args(user_id, previous_refresh, tokens)
+    async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
+        rows = await self.run(timeout, "reading dbcrypt_keys", lambda c: c.fetch(DBCRYPT_KEYS), idempotent=True)
+        return [DbKey(r["active_key_digest"], r["revoked_key_digest"], r["test"]) for r in rows]
+
+    async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
+        args = self.codec.store_args(previous.user_id, previous, tokens)
         return bool(await self.run(timeout, "writing refreshed tokens", lambda c: c.fetchval(STORE_REFRESHED, *args)))
 
     async def heartbeat(self, held: Sequence[tuple[UUID, Secret]], *, timeout: float) -> None:
         ids = [uid for uid, _ in held]
-        hashes = [refresh_sha256(token) for _, token in held]
+        hashes = [token.sha256() for _, token in held]
         await self.run(timeout, "refreshing in-flight heartbeats", lambda c: c.execute(HEARTBEAT, ids, hashes))
 
     async def ping(self, *, timeout: float) -> bool:

@@ -76,8 +76,8 @@ class TokenService:
             return TokenResult.empty(TokenStatus.NO_LINK)
         if link.account is AccountState.DISABLED:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
-        if link.encrypted:
-            UserLog(log, user_id).error("link tokens are encrypted (dbcrypt); the broker cannot decrypt them")
+        if link.unreadable is not None:
+            UserLog(log, user_id).error("stored tokens cannot be read: %s", link.unreadable)
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
         pending = self._writeback.reconcile(link)
         if rejected is not None:

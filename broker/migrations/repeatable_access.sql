@@ -11,6 +11,7 @@ DO $$
 DECLARE
     svc text := pg_catalog.current_setting('token_broker.service_role');
     has_users boolean := pg_catalog.to_regclass('public.users') IS NOT NULL;
+    has_dbcrypt boolean := pg_catalog.to_regclass('public.dbcrypt_keys') IS NOT NULL;
     account_expr text;
     account_join text;
 BEGIN
@@ -87,48 +88,47 @@ BEGIN
     -- Older versions returned no (or another) marker column; CREATE OR REPLACE cannot change a return type.
     IF pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)') IS NOT NULL
        AND pg_catalog.pg_get_function_result(pg_catalog.to_regprocedure('token_broker.lock_oidc_link(uuid)'))
-           OPERATOR(pg_catalog.!~~) '%forced_seconds_ago%'
+           OPERATOR(pg_catalog.!~~) '%marker_sha256%'
     THEN
         DROP FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid);
     END IF;
-    -- Before 0003 the marker was lifted by user id alone, which could lift another holder's marker.
+    -- Before 0003 the marker was lifted by user id alone, which could lift another holder's marker; before 0004 the
+    -- database hashed the stored refresh token (ciphertext, with encryption at rest): now the broker hashes the
+    -- plain token and passes the hash, and the write-back also carries the key ids.
     DROP FUNCTION IF EXISTS token_broker.abandon_refresh(pg_catalog.uuid);
+    DROP FUNCTION IF EXISTS token_broker.begin_refresh(pg_catalog.uuid);
+    DROP FUNCTION IF EXISTS token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+                                                         pg_catalog.text, pg_catalog.timestamptz);
     EXECUTE pg_catalog.format($f$
         CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link(p_user_id pg_catalog.uuid)
         RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
                        access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
-                       account_disabled pg_catalog.bool, marker_idle_seconds pg_catalog.float8,
-                       forced_seconds_ago pg_catalog.float8)
+                       account_disabled pg_catalog.bool, marker_sha256 pg_catalog.bytea,
+                       marker_idle_seconds pg_catalog.float8, forced_seconds_ago pg_catalog.float8)
         LANGUAGE sql VOLATILE SECURITY DEFINER
         SET search_path = pg_catalog, pg_temp
         AS $body$
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
-                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, f.refresh_sha256,
                    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.heartbeat_at),
                    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) fr.at)
             FROM public.user_links l %s
-            LEFT JOIN token_broker.refresh_in_flight f
-              ON f.user_id OPERATOR(pg_catalog.=) l.user_id
-             AND f.refresh_sha256 OPERATOR(pg_catalog.=)
-                 pg_catalog.sha256(pg_catalog.convert_to(l.oauth_refresh_token, 'UTF8'))
+            LEFT JOIN token_broker.refresh_in_flight f ON f.user_id OPERATOR(pg_catalog.=) l.user_id
             LEFT JOIN token_broker.forced_refresh fr ON fr.user_id OPERATOR(pg_catalog.=) l.user_id
             WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
               AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
             FOR UPDATE OF l
         $body$ $f$, account_expr, account_join);
 
-    -- Marks the link's current refresh token as sent to the IdP; committed on its own connection, before the call.
-    -- Also how a replica takes over the marker of a holder that is gone: the heartbeat starts again, as its own.
-    CREATE OR REPLACE FUNCTION token_broker.begin_refresh(p_user_id pg_catalog.uuid)
+    -- Marks the link's current refresh token (its SHA-256, of the plain token) as sent to the IdP; committed on its
+    -- own connection, before the call. Also how a replica takes over the marker of a holder that is gone.
+    CREATE OR REPLACE FUNCTION token_broker.begin_refresh(p_user_id pg_catalog.uuid, p_refresh_sha256 pg_catalog.bytea)
     RETURNS void
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $body$
         INSERT INTO token_broker.refresh_in_flight (user_id, refresh_sha256, started_at, heartbeat_at)
-        SELECT user_id, pg_catalog.sha256(pg_catalog.convert_to(oauth_refresh_token, 'UTF8')),
-               pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp()
-        FROM public.user_links
-        WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
+        VALUES (p_user_id, p_refresh_sha256, pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp())
         ON CONFLICT (user_id) DO UPDATE
             SET refresh_sha256 = EXCLUDED.refresh_sha256, started_at = EXCLUDED.started_at,
                 heartbeat_at = EXCLUDED.heartbeat_at
@@ -168,13 +168,14 @@ BEGIN
         WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND refresh_sha256 OPERATOR(pg_catalog.=) p_refresh_sha256
     $body$;
 
-    -- Compare-and-set: writes only over the refresh token that was sent (or the new one, for an idempotent retry).
-    -- The marker goes only with a write that happened, and only the marker of the token that was sent.
-    -- A NULL expiry is the product's zero time ("never expires"), written as the product writes it.
+    -- Compare-and-set: writes only over the refresh token that was sent, as it is stored (or the new one, for an
+    -- idempotent retry: encryption is deterministic per value). The marker goes only with a write that happened, and
+    -- only the marker of the token that was sent. A NULL expiry is the product's zero time ("never expires").
     -- public is on this function's path (after pg_catalog) only for the product's trigger, which reads `users`.
     CREATE OR REPLACE FUNCTION token_broker.store_refreshed(
         p_user_id pg_catalog.uuid, p_expected_refresh pg_catalog.text, p_access pg_catalog.text,
-        p_refresh pg_catalog.text, p_expiry pg_catalog.timestamptz)
+        p_refresh pg_catalog.text, p_expiry pg_catalog.timestamptz, p_access_key_id pg_catalog.text,
+        p_refresh_key_id pg_catalog.text, p_expected_sha256 pg_catalog.bytea)
     RETURNS pg_catalog.bool
     LANGUAGE sql VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, public, pg_temp
@@ -184,8 +185,8 @@ BEGIN
             SET oauth_access_token = p_access,
                 oauth_refresh_token = p_refresh,
                 oauth_expiry = COALESCE(p_expiry, '0001-01-01 00:00:00+00'::pg_catalog.timestamptz),
-                oauth_access_token_key_id = NULL,
-                oauth_refresh_token_key_id = NULL
+                oauth_access_token_key_id = p_access_key_id,
+                oauth_refresh_token_key_id = p_refresh_key_id
             WHERE user_id OPERATOR(pg_catalog.=) p_user_id
               AND login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
               AND (oauth_refresh_token OPERATOR(pg_catalog.=) p_expected_refresh
@@ -194,18 +195,39 @@ BEGIN
         ), done AS (
             DELETE FROM token_broker.refresh_in_flight
             WHERE user_id OPERATOR(pg_catalog.=) p_user_id
-              AND refresh_sha256 OPERATOR(pg_catalog.=)
-                  pg_catalog.sha256(pg_catalog.convert_to(p_expected_refresh, 'UTF8'))
+              AND refresh_sha256 OPERATOR(pg_catalog.=) p_expected_sha256
               AND EXISTS (SELECT 1 FROM updated)
         )
         SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM updated
     $body$;
 
+    -- The product's encryption keys, for the start-up check (digests and the test value; never a key).
+    IF has_dbcrypt THEN
+        REVOKE ALL ON public.dbcrypt_keys FROM token_broker_elevated;
+        GRANT SELECT (number, active_key_digest, revoked_key_digest, test) ON public.dbcrypt_keys
+            TO token_broker_elevated;
+        CREATE OR REPLACE FUNCTION token_broker.get_dbcrypt_keys()
+        RETURNS TABLE (active_key_digest pg_catalog.text, revoked_key_digest pg_catalog.text, test pg_catalog.text)
+        LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $body$
+            SELECT k.active_key_digest, k.revoked_key_digest, k.test FROM public.dbcrypt_keys k ORDER BY k.number
+        $body$;
+    ELSE
+        -- No dbcrypt_keys (the broker's own tables): no keys, so encryption cannot be configured.
+        CREATE OR REPLACE FUNCTION token_broker.get_dbcrypt_keys()
+        RETURNS TABLE (active_key_digest pg_catalog.text, revoked_key_digest pg_catalog.text, test pg_catalog.text)
+        LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $body$ SELECT NULL::pg_catalog.text, NULL::pg_catalog.text, NULL::pg_catalog.text WHERE false $body$;
+    END IF;
+
     ALTER FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text, pg_catalog.text,
-                                                pg_catalog.timestamptz) OWNER TO token_broker_elevated;
-    ALTER FUNCTION token_broker.begin_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
+        pg_catalog.timestamptz, pg_catalog.text, pg_catalog.text, pg_catalog.bytea) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.get_dbcrypt_keys() OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.begin_refresh(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
@@ -214,12 +236,15 @@ BEGIN
     REVOKE ALL ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
-                                                        pg_catalog.text, pg_catalog.timestamptz) FROM PUBLIC;
-    REVOKE ALL ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) FROM PUBLIC;
+        pg_catalog.text, pg_catalog.timestamptz, pg_catalog.text, pg_catalog.text, pg_catalog.bytea) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.get_dbcrypt_keys() FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) FROM PUBLIC;
     REVOKE ALL ON FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) FROM PUBLIC;
-    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.begin_refresh(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_dbcrypt_keys() TO %I', svc);
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
     EXECUTE pg_catalog.format(
@@ -230,6 +255,6 @@ BEGIN
     EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.lock_oidc_link(pg_catalog.uuid) TO %I', svc);
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,'
-        ' pg_catalog.text, pg_catalog.timestamptz) TO %I', svc);
+        ' pg_catalog.text, pg_catalog.timestamptz, pg_catalog.text, pg_catalog.text, pg_catalog.bytea) TO %I', svc);
 END
 $$;

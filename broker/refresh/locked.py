@@ -66,6 +66,7 @@ class LockedRefresh:
         uid = seen.user_id
         tokens: RefreshedTokens | None = None
         used = seen.refresh_token
+        sent_from = seen
         waited_from = time.monotonic()
         s = self._settings
         try:
@@ -78,6 +79,7 @@ class LockedRefresh:
                 assert link is not None
                 forced = rejected is not None and link.access_sha256() == rejected
                 used = link.refresh_token
+                sent_from = link
                 tokens = await self._send(locked, link)
                 # From here on the IdP has rotated the refresh token: the new one must not be lost.
                 if not await locked.save(tokens):
@@ -95,7 +97,7 @@ class LockedRefresh:
                 raise
             # The write or the commit failed (or timed out) after the IdP answered: keep and retry. Compare-and-set
             # makes a retry after an unseen commit a no-op.
-            self._writeback.hold(uid, Pending(used, tokens))
+            self._writeback.hold(uid, Pending(sent_from, tokens))
             if not isinstance(exc, Exception):
                 raise
             UserLog(log, uid).warning("write-back of rotated tokens failed (%s); retrying", exc)

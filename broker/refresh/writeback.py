@@ -23,10 +23,15 @@ MAX_BACKOFF = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """Rotated tokens not yet written, and the refresh token they replace (what the row still holds)."""
+    """Rotated tokens not yet written, and the link as it was read when they were obtained (what the row still
+    holds: the compare-and-set matches on its refresh token as stored)."""
 
-    previous_refresh: Secret
+    previous: Link
     tokens: RefreshedTokens
+
+    @property
+    def previous_refresh(self) -> Secret:
+        return self.previous.refresh_token
 
 
 class WriteBack:
@@ -141,7 +146,7 @@ class WriteBack:
             delay = min(delay * 2, MAX_BACKOFF)
 
     async def _attempt(self, user_id: UUID, p: Pending) -> None:
-        ok = await self._store.save_refreshed(user_id, p.previous_refresh, p.tokens, timeout=self._timeout)
+        ok = await self._store.save_refreshed(p.previous, p.tokens, timeout=self._timeout)
         if ok:
             UserLog(log, user_id).info("rotated tokens written back")
         else:

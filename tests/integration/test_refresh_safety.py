@@ -297,7 +297,7 @@ class RotatesAfterTheLock:
     def __init__(self, inner: PostgresStore, hook: Callable[[], Awaitable[None]]) -> None:
         self.inner, self.hook = inner, hook
         self.get_link, self.save_refreshed = inner.get_link, inner.save_refreshed
-        self.heartbeat, self.ping = inner.heartbeat, inner.ping
+        self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
 
     @asynccontextmanager
     async def lock_link(self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[Any]:

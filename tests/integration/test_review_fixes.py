@@ -129,10 +129,11 @@ async def test_a_failed_compare_and_set_leaves_the_marker(db: Database) -> None:
     await db.insert_link(uid, "a", "r-current", datetime.now(UTC))
     conn = await asyncpg.connect(db.service_url)
     try:
-        await conn.execute("SELECT token_broker.begin_refresh($1)", uid)  # another replica's live refresh
-        stored = await conn.fetchval(
-            "SELECT token_broker.store_refreshed($1, 'r-stale', 'a2', 'r2', now())", uid
-        )  # a stale write-back of an older refresh
+        # another replica's live refresh
+        await conn.execute("SELECT token_broker.begin_refresh($1, sha256('r-current'))", uid)
+        stored = await conn.fetchval(  # a stale write-back of an older refresh
+            "SELECT token_broker.store_refreshed($1, 'r-stale', 'a2', 'r2', now(), NULL, NULL, sha256('r-stale'))", uid
+        )
     finally:
         await conn.close()
     assert stored is False
@@ -241,7 +242,7 @@ async def test_a_marker_left_by_anyone_blocks_for_seconds_not_for_the_old_window
     uid, old_refresh = await expired_user(db, endpoint)
     conn = await asyncpg.connect(db.service_url)
     try:
-        await conn.execute("SELECT token_broker.begin_refresh($1)", uid)
+        await conn.execute("SELECT token_broker.begin_refresh($1, sha256(convert_to($2, 'UTF8')))", uid, old_refresh)
     finally:
         await conn.close()
     async with running_broker(env_for(db, endpoint)) as b:
@@ -312,6 +313,7 @@ class SavesFail:
         self.inner = inner
         self.failing = True
         self.get_link, self.heartbeat, self.ping = inner.get_link, inner.heartbeat, inner.ping
+        self.dbcrypt_keys = inner.dbcrypt_keys
 
     async def save_refreshed(self, *args: Any, **kwargs: Any) -> bool:
         if self.failing:

@@ -77,9 +77,11 @@ async def test_planted_operator_never_runs_as_the_elevated_role(product_db: Data
         async with conn.transaction():
             locked = await conn.fetch("SELECT * FROM token_broker.lock_oidc_link($1)", uid)
             assert [r["access_token"] for r in locked] == ["oidc-access"]
-        await conn.execute("SELECT token_broker.begin_refresh($1)", uid)
+        await conn.execute("SELECT token_broker.begin_refresh($1, sha256('oidc-refresh'))", uid)
         stored = await conn.fetchval(
-            "SELECT token_broker.store_refreshed($1, 'oidc-refresh', 'new-access', 'new-refresh', now())", uid
+            "SELECT token_broker.store_refreshed($1, 'oidc-refresh', 'new-access', 'new-refresh', now(), NULL, NULL,"
+            " sha256('oidc-refresh'))",
+            uid,
         )
         assert stored is True
         await conn.execute("SELECT token_broker.abandon_refresh($1, sha256('new-refresh'))", uid)

@@ -258,7 +258,7 @@ class HeldReads:
     def __init__(self, inner: PostgresStore, gate: asyncio.Event) -> None:
         self.inner, self.gate = inner, gate
         self.lock_link, self.save_refreshed = inner.lock_link, inner.save_refreshed
-        self.heartbeat, self.ping = inner.heartbeat, inner.ping
+        self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
 
     async def get_link(self, user_id: uuid.UUID, *, timeout: float) -> Link | None:
         await self.gate.wait()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from broker.dbcrypt import DbKey
 from broker.errors import StoreUnavailable
 from broker.model import Link, RefreshedTokens, Secret
 
@@ -133,9 +134,11 @@ class FakeStore:
             if marker is not None and marker.refresh_sha256 == _sha(expected):
                 del self.markers[user_id]
 
-    async def save_refreshed(
-        self, user_id: UUID, previous_refresh: Secret, tokens: RefreshedTokens, *, timeout: float
-    ) -> bool:
+    async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
+        return []
+
+    async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
+        user_id, previous_refresh = previous.user_id, previous.refresh_token
         await asyncio.sleep(0)
         if self.faults.save_refreshed:
             self.faults.save_refreshed -= 1

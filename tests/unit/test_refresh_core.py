@@ -364,7 +364,7 @@ class TestWriteBack:
         liveness = Liveness(store, 0.01)
         wb = WriteBack(store, liveness, NullObserver(), store_timeout=1.0, warn_after=0.0, clock=clock.now)
         store.faults.save_refreshed = 3
-        wb.hold(user, Pending(Secret("refresh-0"), tokens(1, clock)))
+        wb.hold(user, Pending(store.rows[user], tokens(1, clock)))
         clock.advance(5)
         await asyncio.sleep(0.05)  # heartbeats ran with the new clock
         assert store.markers[user].heartbeat == clock.monotonic()
