@@ -121,6 +121,53 @@ async def elevation_round_trips(admin_url: str, service_url: str, user: uuid.UUI
         await admin.close()
 
 
+async def encrypted_valid_token(factory: DatabaseFactory, tmp: Path, body: Path) -> dict[str, Any]:
+    """The same valid-token load on the product's schema with both tokens encrypted (dbcrypt), plus the cost of one
+    decryption measured in-process."""
+    import base64
+    import os
+
+    from broker.dbcrypt import Cipher, key_digest
+
+    db = await factory.create("product")
+    key = os.urandom(32)
+    cipher = Cipher([key])
+    user = uuid.UUID(pb.GetOIDCAccessTokenRequest.FromString(body.read_bytes()[5:]).user_id)
+    await db.execute("INSERT INTO users (id, email, username) VALUES ($1, 'bench@x', 'bench')", user)
+    await db.execute(
+        "INSERT INTO dbcrypt_keys (number, active_key_digest, test) VALUES (1, $1, $2)",
+        key_digest(key),
+        cipher.encrypt("coder")[0],
+    )
+    await db.execute(
+        "INSERT INTO user_links (user_id, login_type, oauth_access_token, oauth_refresh_token, oauth_expiry,"
+        " oauth_access_token_key_id, oauth_refresh_token_key_id) VALUES ($1, 'oidc', $2, $3, $4, $5, $5)",
+        user,
+        cipher.encrypt("bench-token-0123456789")[0],
+        cipher.encrypt("bench-refresh")[0],
+        datetime.now(UTC) + timedelta(days=30),
+        key_digest(key),
+    )
+    stored, key_id = cipher.encrypt("bench-token-0123456789")
+    n = 20000
+    started = time.perf_counter()
+    for _ in range(n):
+        cipher.decrypt(stored, key_id, check_active=False)
+    decrypt_us = (time.perf_counter() - started) / n * 1e6
+    env = broker_env(
+        db, BROKER_LOG_LEVEL="INFO", BROKER_DB_POOL_MAX="10", BROKER_ENCRYPTION_KEYS=base64.b64encode(key).decode()
+    )
+    broker = BrokerProcess(env, tmp / "encrypted.log", metrics=True)
+    with grpc.insecure_channel(broker.target) as channel:
+        one = pb_grpc.TokenBrokerStub(channel).GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=str(user)), timeout=5
+        )
+    assert one.access_token == "bench-token-0123456789"
+    runs = [h2load(broker.port, body, len(frame(one.SerializeToString()))) for _ in range(2)]
+    broker.stop()
+    return {"decrypt_us": round(decrypt_us, 2), "h2load": runs}
+
+
 async def main() -> None:
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client (make bench does this)")
@@ -160,6 +207,7 @@ async def main() -> None:
         measured2 = h2load(broker.port, body, expected_broker)
         rss = {"broker_kib": rss_kib(broker.proc.pid), "echo_kib": rss_kib(echo.pid)}
         broker.stop()
+        encrypted = await encrypted_valid_token(factory, tmp, body)
         bouncer = PgBouncer(db.admin_url, db.name, ["token_broker"])
         try:
             via = BrokerProcess(
@@ -189,6 +237,8 @@ async def main() -> None:
             "broker_valid_token": [measured, measured2],
             "throughput_ratio_broker_vs_echo": round(broker_rps / base_rps, 3),
             "broker_via_pgbouncer_transaction_no_statement_cache": through_bouncer,
+            "encrypted_at_rest": encrypted,
+            "throughput_ratio_encrypted_vs_plain": round(max(r["rps"] for r in encrypted["h2load"]) / broker_rps, 3),
             "throughput_ratio_pgbouncer_vs_direct": round(max(r["rps"] for r in through_bouncer) / broker_rps, 3),
             "memory": {**rss, "ratio": round(rss["broker_kib"] / max(rss["echo_kib"], 1), 2)},
             "elevation": {
@@ -198,7 +248,7 @@ async def main() -> None:
                 ),
             },
         }
-        for run in (*result["baseline_echo"], *result["broker_valid_token"], *through_bouncer):
+        for run in (*result["baseline_echo"], *result["broker_valid_token"], *through_bouncer, *encrypted["h2load"]):
             if run["ok_by_bytes"] != REQUESTS:
                 raise SystemExit(f"h2load: only {run['ok_by_bytes']} of {REQUESTS} answers had the expected size")
         out = ROOT / "bench" / "results"
@@ -216,6 +266,10 @@ async def main() -> None:
         print(
             "valid token through PgBouncer (transaction pooling, no statement cache) vs direct: "
             f"{result['throughput_ratio_pgbouncer_vs_direct']:.2f}"
+        )
+        print(
+            f"valid token encrypted at rest vs plain: {result['throughput_ratio_encrypted_vs_plain']:.2f}; "
+            f"decrypting one token: {encrypted['decrypt_us']:.1f} us"
         )
         print(f"RSS after load: broker {rss['broker_kib'] / 1024:.1f} MiB vs echo {rss['echo_kib'] / 1024:.1f} MiB")
     finally:
