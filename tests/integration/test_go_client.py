@@ -1,0 +1,72 @@
+"""The Go caller (#15): the Go client's tests against a real broker, and the Go chat-worker example against a local
+upstream that checks the Authorization header."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support.broker import broker_env, running_broker
+from tests.support.golang import ROOT, client_dir, run_go
+from tests.support.idp import OidcTestProvider
+from tests.support.pg import Database
+
+
+async def test_the_go_client_against_the_broker(db: Database, idp: OidcTestProvider) -> None:
+    valid, expired, nolink = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await db.insert_link(valid, "go-valid-token", "r", datetime.now(UTC) + timedelta(hours=1))
+    issued = await idp.login(f"user-{expired}")
+    await db.insert_link(expired, issued.access_token, issued.refresh_token, datetime.now(UTC) - timedelta(minutes=1))
+    await db.insert_link(nolink, "", "", None, login_type="password")
+    async with running_broker(broker_env(db, idp)) as b:
+        env = {
+            "TB_TARGET": b.target,
+            "TB_VALID_USER": str(valid),
+            "TB_VALID_TOKEN": "go-valid-token",
+            "TB_EXPIRED_USER": str(expired),
+            "TB_EXPIRED_TOKEN": issued.access_token,
+            "TB_NOLINK_USER": str(nolink),
+        }
+        out = await asyncio.to_thread(run_go, "test", "-count=1", "-v", "./...", cwd=client_dir(), env=env)
+    assert "--- PASS: TestAgainstTheBroker" in out
+    assert "--- PASS: TestUnavailableIsRetried" in out
+    assert "--- PASS: TestEveryCallHasADeadline" in out
+    assert "SKIP" not in out
+
+
+async def test_the_go_chat_worker_sends_the_header_only_with_a_token(db: Database) -> None:
+    oidc, password = uuid.uuid4(), uuid.uuid4()
+    await db.insert_link(oidc, "go-worker-token", "r", datetime.now(UTC) + timedelta(hours=1))
+    await db.insert_link(password, "", "", None, login_type="password")
+    seen: list[str | None] = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            seen.append(self.headers.get("authorization"))
+            self.send_response(200 if self.headers.get("authorization") == "Bearer go-worker-token" else 401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    upstream = f"http://127.0.0.1:{server.server_address[1]}/mcp"
+    try:
+        async with running_broker(broker_env(db)) as b:
+
+            def worker(user: uuid.UUID) -> str:
+                args = ("run", "./examples/go/chatworker", "-broker", b.target, "-upstream", upstream, str(user))
+                return run_go(*args, cwd=ROOT).strip()
+
+            with_token = await asyncio.to_thread(worker, oidc)
+            without = await asyncio.to_thread(worker, password)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (with_token, without) == ("200", "401")
+    assert seen == ["Bearer go-worker-token", None]
