@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
-NODE_STAMP := tests/idp/node_modules/.installed
+NODE_STAMP := tests/idp/node_modules/.installed clients/node/node_modules/.installed
 SYSTEM_STAMP := $(VENV)/.installed-system
 TOOLS  := .tools
 
@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-$(NODE_STAMP): tests/idp/package.json tests/idp/package-lock.json
+tests/idp/node_modules/.installed: tests/idp/package.json tests/idp/package-lock.json
 	npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
+	touch $@
+
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: $(STAMP)
@@ -84,4 +88,4 @@ bench: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 check: test lint typecheck precommit proto-check buf helm-lint
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .data tests/idp/node_modules
+	rm -rf $(VENV) $(TOOLS) .data tests/idp/node_modules clients/node/node_modules
