@@ -31,6 +31,7 @@ from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
+from broker.refresh.parts import RefreshParts
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.writeback import WriteBack
 from broker.service import SERVICE_NAME, TokenBrokerServicer
@@ -65,13 +66,7 @@ def build_service(settings: Settings, store: LinkStore, idp: IdentityProvider | 
     liveness = Liveness(store, rs.heartbeat_interval)
     writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
     refresher = Refresher(
-        store,
-        guarded,
-        rs,
-        writeback=writeback,
-        liveness=liveness,
-        rejected=RejectedTokens(rs.reauth_backoff),
-        observer=metrics,
+        RefreshParts(store, guarded, rs, writeback, liveness, RejectedTokens(rs.reauth_backoff), observer=metrics)
     )
     metrics.bind_unpersisted(lambda: len(writeback))
     tokens = TokenService(store, refresher, writeback, rs, observer=metrics)

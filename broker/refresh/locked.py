@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from datetime import datetime
 
 from broker.errors import (
     IdpNotConfigured,
@@ -16,14 +14,12 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.logs import UserLog
-from broker.model import AccountState, Link, RefreshedTokens, Secret, TokenResult, TokenStatus, utcnow
+from broker.model import AccountState, Link, RefreshedTokens, Secret, TokenResult, TokenStatus
 from broker.policy import is_expired, needs_refresh
-from broker.ports import GuardedIdp, LinkStore, LockedLink, RefreshObserver
-from broker.refresh.liveness import Liveness
+from broker.ports import LockedLink
 from broker.refresh.outcomes import fallback, refreshed
-from broker.refresh.rejections import RejectedTokens
-from broker.refresh.settings import RefreshSettings
-from broker.refresh.writeback import Pending, WriteBack
+from broker.refresh.parts import RefreshParts
+from broker.refresh.writeback import Pending
 
 log = logging.getLogger("broker.refresh")
 
@@ -33,26 +29,15 @@ class LockedRefresh:
     token in flight with a live heartbeat, send it, and write the rotated tokens in the same transaction, or hand
     them to the write-back when that fails. A rejection re-reads the row before it stands."""
 
-    def __init__(
-        self,
-        store: LinkStore,
-        idp: GuardedIdp,
-        settings: RefreshSettings,
-        *,
-        writeback: WriteBack,
-        liveness: Liveness,
-        rejected: RejectedTokens,
-        observer: RefreshObserver,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self._store = store
-        self._idp = idp
-        self._settings = settings
-        self._writeback = writeback
-        self._liveness = liveness
-        self._rejected = rejected
-        self._obs = observer
-        self._clock = clock
+    def __init__(self, parts: RefreshParts) -> None:
+        self._store = parts.store
+        self._idp = parts.idp
+        self._settings = parts.settings
+        self._writeback = parts.writeback
+        self._liveness = parts.liveness
+        self._rejected = parts.rejected
+        self._obs = parts.observer
+        self._clock = parts.clock
 
     async def refresh(self, seen: Link, *, rejected: bytes | None = None) -> TokenResult:
         """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right. `rejected`:

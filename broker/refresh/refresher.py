@@ -6,20 +6,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
-from datetime import datetime
 from uuid import UUID
 
 from broker.errors import BrokerError, RefreshLockTimeout, StoreUnavailable
 from broker.logs import UserLog
-from broker.model import Link, TokenResult, TokenStatus, utcnow
-from broker.ports import GuardedIdp, LinkStore, RefreshObserver
-from broker.refresh.liveness import Liveness
+from broker.model import Link, TokenResult, TokenStatus
 from broker.refresh.locked import LockedRefresh
 from broker.refresh.outcomes import failure_status, fallback
-from broker.refresh.rejections import RejectedTokens
-from broker.refresh.settings import RefreshSettings
-from broker.refresh.writeback import WriteBack
+from broker.refresh.parts import RefreshParts
 
 log = logging.getLogger("broker.refresh")
 
@@ -29,37 +23,17 @@ class Refresher:
     locked refresh (LockedRefresh) that replicas serialise on. A caller waits for the shared task only until its own
     deadline; the task itself goes on (it is shielded), so a cancelled caller never cancels a refresh."""
 
-    def __init__(
-        self,
-        store: LinkStore,
-        idp: GuardedIdp,
-        settings: RefreshSettings,
-        *,
-        writeback: WriteBack,
-        liveness: Liveness,
-        rejected: RejectedTokens,
-        observer: RefreshObserver,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self._idp = idp
-        self._settings = settings
-        self._writeback = writeback
-        self._liveness = liveness
-        self._rejected = rejected
-        self._obs = observer
-        self._clock = clock
-        self._locked = LockedRefresh(
-            store,
-            idp,
-            settings,
-            writeback=writeback,
-            liveness=liveness,
-            rejected=rejected,
-            observer=observer,
-            clock=clock,
-        )
+    def __init__(self, parts: RefreshParts) -> None:
+        self._idp = parts.idp
+        self._settings = parts.settings
+        self._writeback = parts.writeback
+        self._liveness = parts.liveness
+        self._rejected = parts.rejected
+        self._obs = parts.observer
+        self._clock = parts.clock
+        self._locked = LockedRefresh(parts)
         self._flights: dict[UUID, asyncio.Task[TokenResult]] = {}
-        self._slots = asyncio.Semaphore(max(1, settings.max_concurrent))
+        self._slots = asyncio.Semaphore(max(1, parts.settings.max_concurrent))
 
     async def refresh(self, link: Link, deadline: float, *, rejected: bytes | None = None) -> TokenResult:
         """Join (or start) the one refresh of this link; wait for it until `deadline` (time.monotonic()).

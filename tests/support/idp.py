@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx2
 
+from tests.support.processes import terminate
+
 IDP_DIR = Path(__file__).resolve().parent.parent / "idp"
 CLIENT_ID = "broker"
 CLIENT_SECRET = "broker-secret-7f3a9c"  # a known value the leak tests search for
@@ -53,14 +55,7 @@ class OidcTestProvider:
         self.token_url = f"{self.issuer}/token"
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        terminate(self.proc)
 
     def stats(self) -> dict[str, int]:
         r = httpx2.get(f"{self.issuer}/__test/stats", timeout=5)

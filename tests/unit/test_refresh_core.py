@@ -18,6 +18,7 @@ from broker.ports import GuardedIdp, NullObserver
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
+from broker.refresh.parts import RefreshParts
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.writeback import Pending, WriteBack
 from broker.tokens import TokenService
@@ -78,15 +79,9 @@ def make_core(*answers: Answer, expired: bool = True, idp: GuardedIdp | None = N
         store, liveness, NullObserver(), store_timeout=1.0, warn_after=SETTINGS.persist_warn_after, clock=clock.now
     )
     guarded = idp or GuardedIdentityProvider(scripted, CircuitBreaker(3, 10.0, clock=clock.monotonic), NullObserver())
+    rejected = RejectedTokens(60.0, clock=clock.monotonic)
     refresher = Refresher(
-        store,
-        guarded,
-        SETTINGS,
-        writeback=writeback,
-        liveness=liveness,
-        rejected=RejectedTokens(60.0, clock=clock.monotonic),
-        observer=NullObserver(),
-        clock=clock.now,
+        RefreshParts(store, guarded, SETTINGS, writeback, liveness, rejected, NullObserver(), clock=clock.now)
     )
     service = TokenService(store, refresher, writeback, SETTINGS, clock=clock.now)
     return Core(clock, store, scripted, refresher, writeback, liveness, service, user)

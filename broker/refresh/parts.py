@@ -1,0 +1,26 @@
+"""What the refresh core's classes share, built once by the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from broker.model import utcnow
+from broker.ports import GuardedIdp, LinkStore, RefreshObserver
+from broker.refresh.liveness import Liveness
+from broker.refresh.rejections import RejectedTokens
+from broker.refresh.settings import RefreshSettings
+from broker.refresh.writeback import WriteBack
+
+
+@dataclass(frozen=True)
+class RefreshParts:
+    store: LinkStore
+    idp: GuardedIdp
+    settings: RefreshSettings
+    writeback: WriteBack
+    liveness: Liveness
+    rejected: RejectedTokens
+    observer: RefreshObserver
+    clock: Callable[[], datetime] = field(default=utcnow)
