@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
-from broker import __version__
+from broker import __version__, listeners
 from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
@@ -38,13 +37,8 @@ from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.store import PostgresStore
 from broker.tls import ReloadingCertificates
 from broker.tokens import TokenService
-from broker.v1 import token_broker_pb2 as pb
-from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("broker.app")
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -105,15 +99,18 @@ class App:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        await self._health.set("", SERVING)
-        await self._health.set(SERVICE_NAME, NOT_SERVING)
+        await self._health.set("", listeners.SERVING)
+        await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings)
         store = await self._open_store()
         service = build_service(self.settings, store, await self._open_idp(), self.metrics)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
-        readiness = asyncio.create_task(self._watch_database(store), name="readiness")
+        readiness = asyncio.create_task(
+            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping),
+            name="readiness",
+        )
         self._stack.push_async_callback(_cancel, readiness)
         log.info(
             "token-broker serving",
@@ -172,85 +169,17 @@ class App:
         return client
 
     def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
-        s = self.settings
         self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper)
-        server = grpc.aio.server(
-            interceptors=[self._entry],
-            options=[
-                ("grpc.max_receive_message_length", s.max_request_bytes),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
-        )
-        pb_grpc.add_TokenBrokerServicer_to_server(service.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (
-                pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        return server
+        return listeners.build_server(self.settings, self._entry, service.servicer, self._health)
 
     async def _start_listeners(self, server: grpc.aio.Server) -> None:
         s = self.settings
-        self.port = self._bind(server)
+        self.port, self.certificates = listeners.bind(server, s)
         await server.start()
         if s.health_listen:
-            await self._start_health_port()
+            self.health_port = await listeners.start_health_port(s.health_listen, self._health, self._stack)
         if s.metrics_listen:
-            host, _, port = s.metrics_listen.rpartition(":")
-            httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
-            self.metrics_port = httpd.server_port
-
-            def _stop_http() -> None:
-                httpd.shutdown()
-                httpd.server_close()
-                thread.join(timeout=5)
-
-            self._stack.callback(_stop_http)
-
-    def _bind(self, server: grpc.aio.Server) -> int:
-        s = self.settings
-        try:
-            if s.tls_enabled:
-                assert s.tls_cert_file is not None
-                assert s.tls_key_file is not None
-                self.certificates = ReloadingCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
-                port = int(server.add_secure_port(s.listen, self.certificates.server_credentials()))
-            else:
-                port = int(server.add_insecure_port(s.listen))
-        except RuntimeError as exc:
-            raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}: {exc}") from None
-        if port == 0:
-            raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}")
-        return port
-
-    async def _start_health_port(self) -> None:
-        """A plaintext port with only the health service, for kubelet probes when the main port needs TLS."""
-        s = self.settings
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        try:
-            self.health_port = int(server.add_insecure_port(s.health_listen))
-        except RuntimeError as exc:
-            raise ConfigError(f"BROKER_HEALTH_LISTEN: cannot bind {s.health_listen}: {exc}") from None
-        await server.start()
-        self._stack.push_async_callback(server.stop, 0)
-
-    async def _watch_database(self, store: LinkStore) -> None:
-        """Readiness: the token service is SERVING only while the database answers; checked periodically."""
-        serving: bool | None = None
-        while not self._stopping.is_set():
-            ok = await store.ping(timeout=min(self.settings.health_interval, 2.0))
-            if ok != serving and not self._stopping.is_set():
-                serving = ok
-                await self._health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
-                (log.info if ok else log.error)("readiness changed", extra={"serving": ok})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.health_interval)
+            self.metrics_port = listeners.start_metrics(s.metrics_listen, self.registry, self._stack)
 
     async def stop(self, *, stop_server: bool = True) -> None:
         """Health NOT_SERVING; the optional drain delay (still serving, while load balancers notice); then every new

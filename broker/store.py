@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 import asyncpg
 
-from broker.dbcrypt import Cipher, DbKey, DecryptFailed
+from broker.codec import Codec
+from broker.dbcrypt import Cipher, DbKey
 from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.logs import UserLog
-from broker.model import AccountState, Link, RefreshedTokens, Secret
-from broker.policy import normalise_expiry
+from broker.model import Link, RefreshedTokens, Secret
+from broker.pgsocket import watch_socket
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
@@ -72,70 +72,6 @@ def _translate(exc: BaseException, what: str) -> StoreUnavailable:
     if isinstance(exc, TimeoutError):
         return StoreUnavailable(f"database timed out while {what}")
     return StoreUnavailable(f"database error while {what}: {type(exc).__name__}")
-
-
-class Codec:
-    """Stored values <-> tokens: plain text, or the product's dbcrypt when keys are configured."""
-
-    def __init__(self, cipher: Cipher | None) -> None:
-        self._cipher = cipher
-
-    def link(self, user_id: UUID, row: asyncpg.Record | None) -> Link | None:
-        if row is None:
-            return None
-        access, refresh, unreadable = self._open(row)
-        marker_sha, idle = row.get("marker_sha256", None), row.get("marker_idle_seconds", None)
-        return Link(
-            user_id=user_id,
-            access_token=Secret(access),
-            refresh_token=Secret(refresh),
-            expiry=normalise_expiry(row["expiry"]),
-            account=AccountState.DISABLED if row["account_disabled"] else AccountState.ACTIVE,
-            unreadable=unreadable,
-            refresh_stored=row["refresh_token"] if row["refresh_key_id"] else None,
-            # The marker counts only for the token stored now (it holds the SHA-256 of the plain token).
-            marker_idle_seconds=idle if marker_sha is not None and marker_sha == Secret(refresh).sha256() else None,
-            forced_seconds_ago=row.get("forced_seconds_ago", None),
-        )
-
-    def _open(self, row: asyncpg.Record) -> tuple[str, str, str | None]:
-        """(access, refresh, why unreadable) of a row; plain rows as they are."""
-        values = []
-        for column, key_column in (("access_token", "access_key_id"), ("refresh_token", "refresh_key_id")):
-            stored, key_id = row[column] or "", row[key_column]
-            if not key_id:
-                values.append(stored)
-                continue
-            if self._cipher is None:
-                return "", "", f"tokens are encrypted at rest (key {key_id}); set BROKER_ENCRYPTION_KEYS"
-            try:
-                values.append(self._cipher.decrypt(stored, key_id))
-            except DecryptFailed as exc:
-                return "", "", str(exc)
-        return values[0], values[1], None
-
-    def seal(self, plain: Secret) -> tuple[str, str | None]:
-        """(stored value, key id) for a token being written: encrypted under the primary key when configured."""
-        if self._cipher is None:
-            return plain.reveal(), None
-        stored, key_id = self._cipher.encrypt(plain.reveal())
-        return stored, key_id
-
-    def store_args(self, user_id: UUID, previous: Link, tokens: RefreshedTokens) -> tuple[Any, ...]:
-        # No expiry is NULL, written by the SQL as the product's zero time: asyncpg would encode
-        # datetime(1, 1, 1, tzinfo=UTC) as '-infinity'.
-        access, access_key = self.seal(tokens.access_token)
-        refresh, refresh_key = self.seal(tokens.refresh_token)
-        return (
-            user_id,
-            previous.refresh_as_stored,
-            access,
-            refresh,
-            tokens.expiry,
-            access_key,
-            refresh_key,
-            previous.refresh_token.sha256(),
-        )
 
 
 PoolConnection = asyncpg.pool.PoolConnectionProxy  # what Pool.acquire() hands out
@@ -209,7 +145,7 @@ class PostgresStore:
                 timeout=connect_timeout,
                 server_settings={"application_name": "token-broker"},
                 reset=_keep_session,
-                init=_watch_socket,
+                init=watch_socket,
                 statement_cache_size=100 if statement_cache else 0,
             )
         except _DB_ERRORS as exc:
@@ -340,26 +276,6 @@ class PostgresStore:
         except Exception:
             with suppress(Exception):
                 conn.terminate()
-
-
-#: Dead connections are found by the kernel, not by a query that hangs: keepalive probes after 10 s idle (every 5 s,
-#: 3 misses), and TCP_USER_TIMEOUT drops a connection whose sent data stays unacknowledged for 15 s.
-KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
-USER_TIMEOUT_MS = 15_000
-
-
-async def _watch_socket(conn: asyncpg.Connection) -> None:
-    """Pool init hook: TCP keepalive and TCP_USER_TIMEOUT on the connection's socket (a Unix socket has none)."""
-    transport = getattr(conn, "_transport", None)  # asyncpg exposes no public accessor for its socket
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in KEEPALIVE.items():
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 def _loop_deadline(monotonic_deadline: float) -> float:

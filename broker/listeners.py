@@ -1,0 +1,113 @@
+"""The server's listening edges: the gRPC server with its services, the ports it binds (TLS or not), the plaintext
+health port, the metrics HTTP endpoint, and readiness following the database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import AsyncExitStack
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from broker.config import Settings
+from broker.errors import ConfigError
+from broker.interceptors import RpcEntry
+from broker.ports import LinkStore
+from broker.service import SERVICE_NAME, TokenBrokerServicer
+from broker.tls import ReloadingCertificates
+from broker.v1 import token_broker_pb2 as pb
+from broker.v1 import token_broker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("broker.app")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_server(
+    s: Settings, entry: RpcEntry, servicer: TokenBrokerServicer, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server:
+    """The gRPC server: the token service behind the entry interceptor, health, and reflection."""
+    server = grpc.aio.server(
+        interceptors=[entry],
+        options=[
+            ("grpc.max_receive_message_length", s.max_request_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    pb_grpc.add_TokenBrokerServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server
+
+
+def bind(server: grpc.aio.Server, s: Settings) -> tuple[int, ReloadingCertificates | None]:
+    """Bind BROKER_LISTEN (with TLS when configured); the port, and the reloading certificates if any."""
+    certificates = None
+    try:
+        if s.tls_enabled:
+            assert s.tls_cert_file is not None
+            assert s.tls_key_file is not None
+            certificates = ReloadingCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+            port = int(server.add_secure_port(s.listen, certificates.server_credentials()))
+        else:
+            port = int(server.add_insecure_port(s.listen))
+    except RuntimeError as exc:
+        raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}: {exc}") from None
+    if port == 0:
+        raise ConfigError(f"BROKER_LISTEN: cannot bind {s.listen}")
+    return port, certificates
+
+
+async def start_health_port(listen: str, health_servicer: health.aio.HealthServicer, stack: AsyncExitStack) -> int:
+    """A plaintext port with only the health service, for kubelet probes when the main port needs TLS."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = int(server.add_insecure_port(listen))
+    except RuntimeError as exc:
+        raise ConfigError(f"BROKER_HEALTH_LISTEN: cannot bind {listen}: {exc}") from None
+    await server.start()
+    stack.push_async_callback(server.stop, 0)
+    return port
+
+
+def start_metrics(listen: str, registry: CollectorRegistry, stack: AsyncExitStack) -> int:
+    """Prometheus /metrics over HTTP on its own thread; stopped with the stack."""
+    host, _, port = listen.rpartition(":")
+    httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    stack.callback(stop)
+    return int(httpd.server_port)
+
+
+async def watch_database(
+    store: LinkStore, health_servicer: health.aio.HealthServicer, interval: float, stopping: asyncio.Event
+) -> None:
+    """Readiness: the token service is SERVING only while the database answers; checked every `interval`."""
+    serving: bool | None = None
+    while not stopping.is_set():
+        ok = await store.ping(timeout=min(interval, 2.0))
+        if ok != serving and not stopping.is_set():
+            serving = ok
+            await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
+            (log.info if ok else log.error)("readiness changed", extra={"serving": ok})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval)
