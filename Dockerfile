@@ -14,9 +14,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     BROKER_LISTEN=0.0.0.0:50051 \
-    BROKER_METRICS_LISTEN=0.0.0.0:9464
+    BROKER_METRICS_LISTEN=0.0.0.0:9464 \
+    BROKER_HEALTH_LISTEN=0.0.0.0:8086
 USER 10001:10001
 EXPOSE 50051 9464 8086
-HEALTHCHECK --interval=10s --timeout=4s CMD ["token-broker", "health", "--target", "127.0.0.1:50051", "--service", ""]
+# The plaintext health port, so the check keeps working when the gRPC port requires (mutual) TLS.
+HEALTHCHECK --interval=10s --timeout=4s CMD ["token-broker", "health", "--target", "127.0.0.1:8086", "--service", ""]
 # Exec form: token-broker is PID 1's child-free process and receives SIGTERM directly.
 ENTRYPOINT ["token-broker", "serve"]

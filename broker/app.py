@@ -25,6 +25,7 @@ from broker.dbcrypt import Cipher, parse_keys
 from broker.errors import ConfigError
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
+from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
@@ -101,7 +102,7 @@ class App:
     async def start(self) -> None:
         await self._health.set("", listeners.SERVING)
         await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
-        gatekeeper = _gatekeeper(self.settings)
+        gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         store = await self._open_store()
         service = build_service(self.settings, store, await self._open_idp(), self.metrics)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
@@ -211,13 +212,17 @@ class App:
         log.info("token-broker stopped")
 
 
-def _gatekeeper(s: Settings) -> Gatekeeper:
+def _gatekeeper(s: Settings, on_untrusted: Callable[[], None]) -> Gatekeeper:
     tokens = None
     if s.caller_tokens_file is not None:
         load_caller_tokens(s.caller_tokens_file)  # fail fast on a malformed file
         tokens = CallerTokens(s.caller_tokens_file)
+    mesh = None
+    if s.trusted_proxy_identity != "none":
+        mesh = MeshIdentity(s.trusted_proxy_identity, s.trusted_proxy_addresses, on_untrusted)
     return CallerGate(
-        require_identity=s.authenticates_callers,
+        require_identity=s.requires_identity,
+        mesh=mesh,
         allowed=s.allowed_callers,
         tokens=tokens,
         max_concurrent=s.max_concurrent_per_caller,

@@ -25,6 +25,7 @@ import grpc
 
 from broker.calls import Rejected
 from broker.errors import ConfigError
+from broker.mesh import MeshIdentity
 
 log = logging.getLogger("broker.auth")
 
@@ -104,7 +105,9 @@ class CallerGate:
         allowed: frozenset[str],
         tokens: CallerTokens | None,
         max_concurrent: int,
+        mesh: MeshIdentity | None = None,
     ) -> None:
+        self._mesh = mesh
         self._require = require_identity
         self._allowed = allowed
         self._tokens = tokens
@@ -113,6 +116,8 @@ class CallerGate:
 
     async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
         identities = certificate_identities(context)
+        if self._mesh is not None:
+            identities += self._mesh.identities(context.peer(), metadata)
         bearer = next((str(v) for k, v in metadata if k == "authorization"), None)
         if bearer is not None and self._tokens is not None:
             scheme, _, value = bearer.partition(" ")

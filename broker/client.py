@@ -21,25 +21,34 @@ from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT = 2.0
 
-SERVICE_CONFIG = json.dumps(
+#: Retries of UNAVAILABLE: the broker never started such a call (starting, draining, unreachable).
+METHOD_CONFIG: list[dict[str, Any]] = [
     {
-        "methodConfig": [
-            {
-                "name": [{"service": "broker.v1.TokenBroker"}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
+        "name": [{"service": "broker.v1.TokenBroker"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
     }
-)
+]
+
+
+def service_config(target: str) -> str:
+    """The retries, and round_robin over every address of a dns:/// target (a headless Service)."""
+    config: dict[str, Any] = {"methodConfig": METHOD_CONFIG}
+    if target.startswith("dns:///"):
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    return json.dumps(config)
+
+
+def channel_options(target: str, extra: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    return [("grpc.service_config", service_config(target)), *CHANNEL_OPTIONS, *(extra or [])]
+
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -103,7 +112,7 @@ class TokenBrokerClient:
         caller_token: str | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
-        opts = CHANNEL_OPTIONS + (options or [])
+        opts = channel_options(target, options)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
@@ -152,7 +161,7 @@ class SyncTokenBrokerClient:
         caller_token: str | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
-        opts = CHANNEL_OPTIONS + (options or [])
+        opts = channel_options(target, options)
         self._channel = (
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None

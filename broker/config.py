@@ -6,6 +6,7 @@ files (`*_FILE`), so they need not sit in the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -99,6 +100,13 @@ class Settings:
     `dns:<DNS SAN>` (client certificates) or `token:<name>` (caller tokens); a bare `scheme://...` means `uri:`."""
     caller_tokens_file: Path | None = None
     """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
+    trusted_proxy_identity: str = "none"
+    """BROKER_TRUSTED_PROXY_IDENTITY: none, xfcc (Envoy/Istio's x-forwarded-client-cert) or l5d (Linkerd's
+    l5d-client-id): the caller's identity as the local sidecar verified it, trusted only from
+    BROKER_TRUSTED_PROXY_ADDRESSES. With a mode on, every call needs an identity."""
+    trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
+    """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
+    passthrough connects from 127.0.0.6)."""
     allow_insecure: bool = False
     """BROKER_ALLOW_INSECURE: allow a non-loopback listen address without TLS or caller tokens."""
     max_concurrent_per_caller: int = 1024
@@ -120,7 +128,13 @@ class Settings:
 
     @property
     def authenticates_callers(self) -> bool:
+        """TLS client certificates or caller tokens: what makes a non-loopback bind acceptable."""
         return self.tls_client_ca_file is not None or self.caller_tokens_file is not None
+
+    @property
+    def requires_identity(self) -> bool:
+        """Every call must carry an identity (a certificate, a caller token, or the sidecar's header)."""
+        return self.authenticates_callers or self.trusted_proxy_identity != "none"
 
     @property
     def tls_enabled(self) -> bool:
@@ -203,6 +217,8 @@ def _read(r: EnvReader) -> Settings:
         allowed_callers=callers,
         caller_tokens_file=r.file("BROKER_CALLER_TOKENS_FILE"),
         allow_insecure=r.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
+        trusted_proxy_identity=_proxy_mode(r),
+        trusted_proxy_addresses=_proxy_addresses(r),
         max_concurrent_per_caller=r.integer(
             "BROKER_MAX_CONCURRENT_PER_CALLER", _D.max_concurrent_per_caller, 1, 100_000
         ),
@@ -217,6 +233,27 @@ def _read(r: EnvReader) -> Settings:
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
+
+
+def _proxy_mode(r: EnvReader) -> str:
+    mode = (r.raw("BROKER_TRUSTED_PROXY_IDENTITY") or _D.trusted_proxy_identity).lower()
+    if mode not in ("none", "xfcc", "l5d"):
+        r.errors.append("BROKER_TRUSTED_PROXY_IDENTITY: must be none, xfcc or l5d")
+    return mode
+
+
+def _proxy_addresses(r: EnvReader) -> tuple[str, ...]:
+    text = r.raw("BROKER_TRUSTED_PROXY_ADDRESSES")
+    if text is None:
+        return _D.trusted_proxy_addresses
+    addresses = tuple(a.strip() for a in text.split(",") if a.strip())
+    for a in addresses:
+        try:
+            if not ipaddress.ip_address(a).is_loopback:
+                r.errors.append(f"BROKER_TRUSTED_PROXY_ADDRESSES: {a} is not a loopback address (the local sidecar)")
+        except ValueError:
+            r.errors.append(f"BROKER_TRUSTED_PROXY_ADDRESSES: {a!r} is not an IP address")
+    return addresses
 
 
 def _keys(r: EnvReader) -> Secret | None:

@@ -71,6 +71,11 @@ class Metrics:
         self.refresh_inflight = Gauge(
             "token_broker_refresh_inflight", "Refreshes running in this process.", registry=registry
         )
+        self.untrusted_identity_headers = Counter(
+            "token_broker_untrusted_identity_headers",
+            "Calls that carried a sidecar identity header from a peer that is not the local sidecar (ignored).",
+            registry=registry,
+        )
         self.forced_refreshes = Counter(
             "token_broker_forced_refreshes",
             "Token requests that reported the stored access token as rejected by an upstream, by outcome.",

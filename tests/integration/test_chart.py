@@ -173,13 +173,27 @@ def test_migration_job_is_a_pre_install_hook_with_the_admin_secret(default_docs:
 
 def test_network_policy_limits_grpc_and_metrics(full_docs: list[dict[str, Any]]) -> None:
     (np,) = by_kind(full_docs, "NetworkPolicy")
-    grpc_rule, metrics_rule = np["spec"]["ingress"]
+    grpc_rule, health_rule, metrics_rule = np["spec"]["ingress"]
+    # `helm test` runs in the release's namespace and checks the health port: the policy must not block it.
+    assert health_rule == {"ports": [{"port": "health", "protocol": "TCP"}], "from": [{"podSelector": {}}]}
     assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
     assert grpc_rule["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "chat"}
     assert grpc_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "chat-worker"}
     assert metrics_rule["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
+
+
+def test_the_grpc_ports_app_protocol_follows_tls(
+    default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]
+) -> None:
+    def protocol(docs: list[dict[str, Any]]) -> set[str]:
+        return {
+            p["appProtocol"] for svc in by_kind(docs, "Service") for p in svc["spec"]["ports"] if p["name"] == "grpc"
+        }
+
+    assert protocol(default_docs) == {"grpc"}
+    assert protocol(full_docs) == {"tls"}  # all features: TLS on
 
 
 def test_prometheus_rule_and_dashboard_come_from_the_tested_files(full_docs: list[dict[str, Any]]) -> None:

@@ -17,8 +17,9 @@ from tests.support.pg import Database
 
 
 class FaultyProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, source_host: str | None = None) -> None:
         self._target = (target_host, target_port)
+        self._source = (source_host, 0) if source_host else None  # the address the target sees connections from
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._open = asyncio.Event()
@@ -58,7 +59,7 @@ class FaultyProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await asyncio.open_connection(*self._target, local_addr=self._source)
         except OSError:
             writer.transport.abort()
             return
