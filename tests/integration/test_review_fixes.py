@@ -360,3 +360,73 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
     finally:
         await pool.close()
     assert endpoint.sent == [old_refresh]
+
+
+# -- 4 and 16. tokens held for write-back are never traded for the consumed refresh token, nor served after a login --
+
+
+async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Database, endpoint: TokenEndpoint) -> None:
+    endpoint.expires_in = 2  # the rotated access token expires while it waits for its write-back
+    uid, old_refresh = await expired_user(db, endpoint)
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    try:
+        failing = SavesFail(PostgresStore(pool))
+        async with running_broker(env_for(db, endpoint), store=failing) as b:
+            first = await b.get(uid)
+            assert first.status == pb.TOKEN_STATUS_REFRESHED
+            await asyncio.sleep(2.2)
+            stuck = await b.get(uid)  # the row still holds the consumed token: it must not be sent again
+            assert (stuck.status, stuck.access_token) == (pb.TOKEN_STATUS_STORE_UNAVAILABLE, "")
+            assert endpoint.sent == [old_refresh]
+            failing.failing = False
+            deadline = time.monotonic() + 10
+            while (r := await b.get(uid)).status != pb.TOKEN_STATUS_REFRESHED or r.access_token == first.access_token:
+                assert time.monotonic() < deadline, r
+                await asyncio.sleep(0.2)
+    finally:
+        await pool.close()
+    assert endpoint.sent[0] == old_refresh
+    assert old_refresh not in endpoint.sent[1:]  # the next refresh used the rotated token, once it was written
+    assert endpoint.reused == 0
+
+
+async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, endpoint: TokenEndpoint) -> None:
+    uid, _ = await expired_user(db, endpoint)
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    try:
+        failing = SavesFail(PostgresStore(pool))
+        async with running_broker(env_for(db, endpoint), store=failing) as b:
+            held = await b.get(uid)
+            assert held.status == pb.TOKEN_STATUS_REFRESHED
+            access, refresh = endpoint.issue()  # the user logs in again: the product writes a new link
+            await db.execute(
+                "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3,"
+                " oauth_expiry = now() + interval '1 hour' WHERE user_id = $1",
+                uid,
+                access,
+                refresh,
+            )
+            after = await b.get(uid)
+            assert b.sample("token_broker_refresh_unpersisted") == 0
+    finally:
+        await pool.close()
+    assert (after.status, after.access_token) == (pb.TOKEN_STATUS_VALID, access)
+
+
+# -- 14. shutdown gives unwritten tokens a last write ---------------------------------------------------------------
+
+
+async def test_shutdown_writes_back_what_the_retry_loop_has_not_yet(db: Database, endpoint: TokenEndpoint) -> None:
+    uid, _ = await expired_user(db, endpoint)
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    try:
+        failing = SavesFail(PostgresStore(pool))
+        async with running_broker(env_for(db, endpoint), store=failing) as b:
+            r = await b.get(uid)
+            await asyncio.sleep(3.5)  # the retry loop sleeps 2 s from about 3.2 s on: asleep until about 5.2 s
+            failing.failing = False
+        row = await db.link(uid)  # stopped: the drain's last attempt wrote it, not the sleeping loop
+    finally:
+        await pool.close()
+    assert row is not None
+    assert row["oauth_access_token"] == r.access_token
