@@ -5,7 +5,7 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY broker ./broker
-RUN /opt/venv/bin/pip install '.[server]'
+RUN /opt/venv/bin/pip install '.[server,tracing]'
 
 FROM python:3.11-slim
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin broker

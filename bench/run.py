@@ -168,6 +168,43 @@ async def encrypted_valid_token(factory: DatabaseFactory, tmp: Path, body: Path)
     return {"decrypt_us": round(decrypt_us, 2), "h2load": runs}
 
 
+def otlp_sink() -> tuple[str, Any]:
+    """A local stand-in for an OTLP/HTTP collector: accepts every export with 200."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def traced(
+    db: Any, tmp: Path, body: Path, expected: int, endpoint: str, sampler: str, arg: str
+) -> list[dict[str, float]]:
+    env = broker_env(
+        db,
+        BROKER_LOG_LEVEL="INFO",
+        BROKER_DB_POOL_MAX="10",
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_TRACES_SAMPLER=sampler,
+        OTEL_TRACES_SAMPLER_ARG=arg,
+    )
+    broker = BrokerProcess(env, tmp / f"traced-{sampler}-{arg}.log", metrics=True)
+    runs = [h2load(broker.port, body, expected) for _ in range(2)]
+    broker.stop()
+    return runs
+
+
 async def main() -> None:
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client (make bench does this)")
@@ -208,6 +245,12 @@ async def main() -> None:
         rss = {"broker_kib": rss_kib(broker.proc.pid), "echo_kib": rss_kib(echo.pid)}
         broker.stop()
         encrypted = await encrypted_valid_token(factory, tmp, body)
+        sink_url, sink = otlp_sink()
+        tracing = {
+            "sampled_100": traced(db, tmp, body, expected_broker, sink_url, "always_on", "1"),
+            "sampled_1": traced(db, tmp, body, expected_broker, sink_url, "traceidratio", "0.01"),
+        }
+        sink.shutdown()
         bouncer = PgBouncer(db.admin_url, db.name, ["token_broker"])
         try:
             via = BrokerProcess(
@@ -238,6 +281,10 @@ async def main() -> None:
             "throughput_ratio_broker_vs_echo": round(broker_rps / base_rps, 3),
             "broker_via_pgbouncer_transaction_no_statement_cache": through_bouncer,
             "encrypted_at_rest": encrypted,
+            "tracing": tracing,
+            "throughput_ratio_tracing_vs_off": {
+                name: round(max(r["rps"] for r in runs) / broker_rps, 3) for name, runs in tracing.items()
+            },
             "throughput_ratio_encrypted_vs_plain": round(max(r["rps"] for r in encrypted["h2load"]) / broker_rps, 3),
             "throughput_ratio_pgbouncer_vs_direct": round(max(r["rps"] for r in through_bouncer) / broker_rps, 3),
             "memory": {**rss, "ratio": round(rss["broker_kib"] / max(rss["echo_kib"], 1), 2)},
@@ -248,7 +295,14 @@ async def main() -> None:
                 ),
             },
         }
-        for run in (*result["baseline_echo"], *result["broker_valid_token"], *through_bouncer, *encrypted["h2load"]):
+        for run in (
+            *result["baseline_echo"],
+            *result["broker_valid_token"],
+            *through_bouncer,
+            *encrypted["h2load"],
+            *tracing["sampled_100"],
+            *tracing["sampled_1"],
+        ):
             if run["ok_by_bytes"] != REQUESTS:
                 raise SystemExit(f"h2load: only {run['ok_by_bytes']} of {REQUESTS} answers had the expected size")
         out = ROOT / "bench" / "results"
@@ -271,6 +325,7 @@ async def main() -> None:
             f"valid token encrypted at rest vs plain: {result['throughput_ratio_encrypted_vs_plain']:.2f}; "
             f"decrypting one token: {encrypted['decrypt_us']:.1f} us"
         )
+        print(f"tracing on vs off (throughput): {result['throughput_ratio_tracing_vs_off']}")
         print(f"RSS after load: broker {rss['broker_kib'] / 1024:.1f} MiB vs echo {rss['echo_kib'] / 1024:.1f} MiB")
     finally:
         for p in procs:

@@ -38,6 +38,7 @@ from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.store import PostgresStore
 from broker.tls import ReloadingCertificates
 from broker.tokens import TokenService
+from broker.tracing import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 
 log = logging.getLogger("broker.app")
 
@@ -51,7 +52,13 @@ class Service:
     writeback: WriteBack
 
 
-def build_service(settings: Settings, store: LinkStore, idp: IdentityProvider | None, metrics: Metrics) -> Service:
+def build_service(
+    settings: Settings,
+    store: LinkStore,
+    idp: IdentityProvider | None,
+    metrics: Metrics,
+    tracer: Tracer = NULL_TRACER,
+) -> Service:
     """Wire the refresh core and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
     rs = RefreshSettings.from_settings(settings)
     circuit = CircuitBreaker(
@@ -61,10 +68,12 @@ def build_service(settings: Settings, store: LinkStore, idp: IdentityProvider | 
     liveness = Liveness(store, rs.heartbeat_interval)
     writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
     refresher = Refresher(
-        RefreshParts(store, guarded, rs, writeback, liveness, RejectedTokens(rs.reauth_backoff), observer=metrics)
+        RefreshParts(
+            store, guarded, rs, writeback, liveness, RejectedTokens(rs.reauth_backoff), observer=metrics, tracer=tracer
+        )
     )
     metrics.bind_unpersisted(lambda: len(writeback))
-    tokens = TokenService(store, refresher, writeback, rs, observer=metrics)
+    tokens = TokenService(store, refresher, writeback, rs, observer=metrics, tracer=tracer)
     return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback)
 
 
@@ -81,6 +90,7 @@ class App:
         *,
         store: LinkStore | None = None,
         idp: IdentityProvider | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if settings.database_url is None and store is None:
             raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
@@ -93,6 +103,9 @@ class App:
         self.certificates: ReloadingCertificates | None = None
         self.store = store
         self.idp = idp
+        if tracer is None:
+            tracer = OtelTracer(sdk_provider()) if settings.tracing else NULL_TRACER
+        self.tracer = tracer
         self._stack = AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._entry: RpcEntry | None = None
@@ -104,7 +117,7 @@ class App:
         await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         store = await self._open_store()
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics)
+        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
@@ -158,6 +171,7 @@ class App:
         assert s.oidc_client_id is not None
         assert s.oidc_client_secret is not None
         client = OidcRefresher(
+            tracer=self.tracer,
             client_id=s.oidc_client_id,
             client_secret=s.oidc_client_secret,
             timeout=s.oidc_timeout,
@@ -170,8 +184,14 @@ class App:
         return client
 
     def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
-        self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper)
-        return listeners.build_server(self.settings, self._entry, service.servicer, self._health)
+        self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper, self.tracer, self.settings.trace_user_id)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._entry]
+        if isinstance(self.tracer, OtelTracer):
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            server_spans = aio_server_interceptor(tracer_provider=self.tracer.provider)  # type: ignore[no-untyped-call]  # untyped package
+            interceptors.insert(0, server_spans)
+        return listeners.build_server(self.settings, interceptors, service.servicer, self._health)
 
     async def _start_listeners(self, server: grpc.aio.Server) -> None:
         s = self.settings

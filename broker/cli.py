@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         secrets += [
             p for s in (settings.database_url, settings.migrate_database_url) if s and (p := _password(s.reveal()))
         ]
-        logs.configure(settings.log_level, redact=secrets)
+        logs.configure(settings.log_level, redact=secrets, trace_ids=settings.tracing)
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "dev":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -96,6 +97,24 @@ def _request(user_id: str, rejected: str | None) -> pb.GetOIDCAccessTokenRequest
     return pb.GetOIDCAccessTokenRequest(user_id=user_id, rejected_token_sha256=digest)
 
 
+_inject: Callable[[dict[str, str]], None] | None
+try:  # the caller's trace context travels with the call when the worker uses OpenTelemetry
+    from opentelemetry.propagate import inject as _inject
+except ImportError:  # pragma: no cover - a worker without OpenTelemetry
+    _inject = None
+
+
+def _with_trace(metadata: tuple[tuple[str, str], ...] | None) -> tuple[tuple[str, str], ...] | None:
+    """The call's metadata, plus traceparent (and tracestate) when a span is current in the caller."""
+    if _inject is None:
+        return metadata
+    carrier: dict[str, str] = {}
+    _inject(carrier)
+    if not carrier:
+        return metadata
+    return (*(metadata or ()), *carrier.items())
+
+
 def _metadata(caller_token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {caller_token}"),) if caller_token else None
 
@@ -140,7 +159,7 @@ class TokenBrokerClient:
         refreshes it once for every caller that reports it, or answers "" with REAUTH_REQUIRED."""
         """Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
         resp = await self._stub.GetOIDCAccessToken(
-            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=self._metadata
+            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
         )
         return _token(resp)
 
@@ -186,7 +205,7 @@ class SyncTokenBrokerClient:
         self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
     ) -> OIDCToken:
         resp = self._stub.GetOIDCAccessToken(
-            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=self._metadata
+            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
         )
         return _token(resp)
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from broker.envreader import EnvReader
 from broker.errors import ConfigError
 from broker.model import Secret
+from broker.tracing import wanted as tracing_wanted
 from broker.urls import check_url, is_loopback_host
 
 #: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
@@ -107,6 +108,11 @@ class Settings:
     trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
+    tracing: bool = False
+    """(OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SDK_DISABLED) OpenTelemetry traces are exported when
+    the standard variables ask for an exporter; off otherwise, at no cost."""
+    trace_user_id: bool = False
+    """BROKER_TRACE_USER_ID: put the user id on the RPC's span (off: spans never carry a user id)."""
     allow_insecure: bool = False
     """BROKER_ALLOW_INSECURE: allow a non-loopback listen address without TLS or caller tokens."""
     max_concurrent_per_caller: int = 1024
@@ -217,6 +223,8 @@ def _read(r: EnvReader) -> Settings:
         allowed_callers=callers,
         caller_tokens_file=r.file("BROKER_CALLER_TOKENS_FILE"),
         allow_insecure=r.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
+        tracing=tracing_wanted(r.env),
+        trace_user_id=r.boolean("BROKER_TRACE_USER_ID", _D.trace_user_id),
         trusted_proxy_identity=_proxy_mode(r),
         trusted_proxy_addresses=_proxy_addresses(r),
         max_concurrent_per_caller=r.integer(

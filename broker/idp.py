@@ -28,10 +28,12 @@ from typing import Any
 import httpx2
 from authlib.common.urls import url_decode
 from authlib.integrations.httpx_client import AsyncOAuth2Client
+from authlib.oauth2.client import DEFAULT_HEADERS
 
 from broker.errors import ConfigError, IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import RefreshedTokens, Secret
 from broker.policy import expiry_from_response
+from broker.tracing import NULL_TRACER, Tracer
 from broker.urls import check_url
 
 log = logging.getLogger("broker.idp")
@@ -85,7 +87,9 @@ class OidcRefresher:
         token_url: str | None = None,
         auth_method: str = "client_secret_basic",
         transport: httpx2.AsyncBaseTransport | None = None,
+        tracer: Tracer = NULL_TRACER,
     ) -> None:
+        self._tracer = tracer
         if not issuer and not token_url:
             raise ConfigError("BROKER_OIDC_ISSUER or BROKER_OIDC_TOKEN_URL is required")
         self._issuer = issuer.rstrip("/") if issuer else None
@@ -146,7 +150,7 @@ class OidcRefresher:
             raise IdpUnavailable(f"identity provider timed out after {self._timeout}s")
         try:
             async with asyncio.timeout(remaining):
-                resp = await self._client.refresh_token(url, refresh_token=refresh_token.reveal())
+                resp = await self._client.refresh_token(url, refresh_token=refresh_token.reveal(), **self._headers())
         except TimeoutError:
             raise IdpOutcomeUnknown(f"identity provider timed out after {self._timeout}s") from None
         except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
@@ -154,6 +158,12 @@ class OidcRefresher:
         except httpx2.HTTPError as exc:
             raise IdpOutcomeUnknown(f"connection to the identity provider broke: {type(exc).__name__}") from None
         return self._read_answer(resp, refresh_token)
+
+    def _headers(self) -> dict[str, Any]:
+        """With tracing on, the request carries the trace context (traceparent) to the IdP."""
+        carrier: dict[str, str] = {}
+        self._tracer.inject(carrier)
+        return {"headers": {**DEFAULT_HEADERS, **carrier}} if carrier else {}
 
     def _read_answer(self, resp: httpx2.Response, sent: Secret) -> RefreshedTokens:
         status = resp.status_code

@@ -15,6 +15,7 @@ import grpc
 from broker.calls import CallRecord, Rejected, current_call
 from broker.metrics import Metrics
 from broker.ports import Gatekeeper
+from broker.tracing import NULL_TRACER, Tracer
 
 log = logging.getLogger("broker.access")
 audit_log = logging.getLogger("broker.audit")
@@ -36,7 +37,16 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
     line, and maps an unexpected exception to INTERNAL with a generic message. Each method's handler is wrapped
     once, with its metric children bound up front."""
 
-    def __init__(self, metrics: Metrics, protected_service: str, gatekeeper: Gatekeeper) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        protected_service: str,
+        gatekeeper: Gatekeeper,
+        tracer: Tracer = NULL_TRACER,
+        trace_user_id: bool = False,
+    ) -> None:
+        self._tracer = tracer
+        self._trace_user_id = trace_user_id
         self._metrics = metrics
         self._protected = protected_service
         self._gate = gatekeeper
@@ -189,3 +199,12 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
             audit=True,
         )
         audit_log.info("token request", extra=fields)
+        if self._tracer.enabled:
+            self._tracer.annotate(
+                **{
+                    "token_broker.status": fields["status"],
+                    "token_broker.refreshed": fields["refreshed"],
+                    "token_broker.caller": record.caller,
+                    "token_broker.user_id": record.user_id if self._trace_user_id else None,
+                }
+            )

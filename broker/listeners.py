@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.interceptors import RpcEntry
 from broker.ports import LinkStore
 from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.tls import ReloadingCertificates
@@ -29,11 +28,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def build_server(
-    s: Settings, entry: RpcEntry, servicer: TokenBrokerServicer, health_servicer: health.aio.HealthServicer
+    s: Settings,
+    interceptors: list[grpc.aio.ServerInterceptor],
+    servicer: TokenBrokerServicer,
+    health_servicer: health.aio.HealthServicer,
 ) -> grpc.aio.Server:
-    """The gRPC server: the token service behind the entry interceptor, health, and reflection."""
+    """The gRPC server: the token service behind the interceptors (tracing, then the entry), health, reflection."""
     server = grpc.aio.server(
-        interceptors=[entry],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", s.max_request_bytes),
             ("grpc.keepalive_permit_without_calls", 1),

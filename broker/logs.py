@@ -18,9 +18,10 @@ class JsonFormatter(logging.Formatter):
     Values listed in `redact` (the client secret, the DSN password) are replaced wherever they appear.
     """
 
-    def __init__(self, redact: Iterable[str] = ()) -> None:
+    def __init__(self, redact: Iterable[str] = (), *, trace_ids: bool = False) -> None:
         super().__init__()
         self._redact = [s for s in redact if s and len(s) >= 4]
+        self._trace_ids = trace_ids
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -32,6 +33,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
+        if self._trace_ids:
+            from broker.tracing import log_ids
+
+            entry.update(log_ids())
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         line = json.dumps(entry, default=str, separators=(",", ":"))
@@ -41,10 +46,11 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str, redact: Iterable[str] = (), stream: TextIO | None = None) -> None:
-    """Route every logger to one JSON handler on stdout at `level`."""
+def configure(level: str, redact: Iterable[str] = (), stream: TextIO | None = None, *, trace_ids: bool = False) -> None:
+    """Route every logger to one JSON handler on stdout at `level`; with `trace_ids`, lines written inside a span
+    carry its trace_id and span_id."""
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter(redact))
+    handler.setFormatter(JsonFormatter(redact, trace_ids=trace_ids))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -15,6 +15,7 @@ from broker.policy import Decision, decide
 from broker.ports import LinkStore, NullObserver, RefreshObserver
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.writeback import WriteBack
+from broker.tracing import NULL_TRACER, Tracer
 
 log = logging.getLogger("broker.tokens")
 
@@ -49,8 +50,10 @@ class TokenService:
         settings: RefreshSettings,
         *,
         observer: RefreshObserver | None = None,
+        tracer: Tracer = NULL_TRACER,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        self._tracer = tracer
         self._observer: RefreshObserver = observer or NullObserver()
         self._store = store
         self._refresher = refresher
@@ -64,7 +67,8 @@ class TokenService:
         """The user's token within `budget` seconds. `rejected`: SHA-256 of an access token an upstream refused."""
         deadline = time.monotonic() + budget
         try:
-            link = await self._store.get_link(user_id, timeout=budget)
+            with self._tracer.span("db.read_link"):
+                link = await self._store.get_link(user_id, timeout=budget)
         except StoreUnavailable as exc:
             pending = self._writeback.pending(user_id)
             served = self._writeback.serve(pending) if pending is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AsyncExitStack
 
 from broker.errors import (
     IdpNotConfigured,
@@ -38,6 +39,7 @@ class LockedRefresh:
         self._rejected = parts.rejected
         self._obs = parts.observer
         self._clock = parts.clock
+        self._tracer = parts.tracer
 
     async def refresh(self, seen: Link, *, rejected: bytes | None = None) -> TokenResult:
         """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right. `rejected`:
@@ -55,7 +57,11 @@ class LockedRefresh:
         waited_from = time.monotonic()
         s = self._settings
         try:
-            async with self._store.lock_link(uid, lock_timeout=s.lock_timeout, hold_timeout=s.hold_timeout) as locked:
+            async with AsyncExitStack() as held:
+                with self._tracer.span("refresh.lock_wait"):
+                    locked = await held.enter_async_context(
+                        self._store.lock_link(uid, lock_timeout=s.lock_timeout, hold_timeout=s.hold_timeout)
+                    )
                 self._obs.lock_waited(time.monotonic() - waited_from)
                 link = locked.link
                 early = self._answer_without_idp(seen, link, rejected=rejected)
@@ -67,10 +73,11 @@ class LockedRefresh:
                 sent_from = link
                 tokens = await self._send(locked, link)
                 # From here on the IdP has rotated the refresh token: the new one must not be lost.
-                if not await locked.save(tokens):
-                    UserLog(log, uid).warning("refreshed link vanished under the lock")
-                if forced:
-                    await locked.note_forced()
+                with self._tracer.span("db.write_back"):
+                    if not await locked.save(tokens):
+                        UserLog(log, uid).warning("refreshed link vanished under the lock")
+                    if forced:
+                        await locked.note_forced()
             self._liveness.release(uid, used)
             if rejected is not None:
                 self._obs.forced_refresh("refreshed")
@@ -138,7 +145,8 @@ class LockedRefresh:
         await locked.mark_in_flight()
         self._liveness.hold(uid, used)
         try:
-            return await self._idp.refresh(used)
+            with self._tracer.span("idp.refresh"):
+                return await self._idp.refresh(used)
         except IdpOutcomeUnknown:
             # It may have rotated: the marker stays and dies with its heartbeat, then one replica sends once.
             self._liveness.release(uid, used)

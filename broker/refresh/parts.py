@@ -12,6 +12,7 @@ from broker.refresh.liveness import Liveness
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.settings import RefreshSettings
 from broker.refresh.writeback import WriteBack
+from broker.tracing import NULL_TRACER, Tracer
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,4 @@ class RefreshParts:
     rejected: RejectedTokens
     observer: RefreshObserver
     clock: Callable[[], datetime] = field(default=utcnow)
+    tracer: Tracer = field(default=NULL_TRACER)

@@ -22,6 +22,7 @@ from broker.config import Settings
 from broker.devdb import free_port
 from broker.idp import OidcRefresher
 from broker.ports import IdentityProvider, LinkStore
+from broker.tracing import Tracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.idp import CLIENT_ID, CLIENT_SECRET, OidcTestProvider
@@ -85,9 +86,13 @@ async def warm_discovery(b: RunningBroker) -> None:
 
 @asynccontextmanager
 async def running_broker(
-    env: Mapping[str, str], *, store: LinkStore | None = None, idp: IdentityProvider | None = None
+    env: Mapping[str, str],
+    *,
+    store: LinkStore | None = None,
+    idp: IdentityProvider | None = None,
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[RunningBroker]:
-    app = App(Settings.from_env(env), store=store, idp=idp)
+    app = App(Settings.from_env(env), store=store, idp=idp, tracer=tracer)
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     try:

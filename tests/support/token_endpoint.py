@@ -35,6 +35,7 @@ class TokenEndpoint:
         self.discovery_delay = 0.0
         self.token_delay = 0.0
         self.sent: list[str] = []  # refresh tokens received, in order
+        self.headers: list[dict[str, str]] = []  # the token requests' headers, in order
         self.grants = 0  # successful refresh grants
         self.reused = 0  # a used refresh token sent again
         self._issued = 0
@@ -60,6 +61,7 @@ class TokenEndpoint:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                endpoint.headers.append({k.lower(): v for k, v in self.headers.items()})
                 endpoint._token(self, form.get("refresh_token", [""])[0])
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

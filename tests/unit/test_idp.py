@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx2
 import pytest
@@ -18,7 +19,7 @@ from broker.model import Secret
 TOKEN_URL = "https://idp.example.com/token"
 
 
-def refresher(handler: Callable[[httpx2.Request], httpx2.Response], **kw: str) -> OidcRefresher:
+def refresher(handler: Callable[[httpx2.Request], httpx2.Response], **kw: Any) -> OidcRefresher:
     return OidcRefresher(
         client_id="cid",
         client_secret=Secret("csecret"),
