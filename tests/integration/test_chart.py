@@ -227,3 +227,37 @@ def test_dockerfile_is_multi_stage_non_root_with_exec_form_entrypoint() -> None:
     assert 'ENTRYPOINT ["token-broker", "serve"]' in final
     assert not any(re.search(r"\b(gcc|build-essential|apt-get)\b", ln) for ln in final)
     assert any(ln.startswith("COPY --from=build") for ln in final)
+
+
+def test_alerts_are_scoped_and_link_their_runbook() -> None:
+    rules = yaml.safe_load((helm.CHART / "files" / "alerts.yaml").read_text())
+    readme = (Path(helm.ROOT) / "README.md").read_text()
+    for rule in (r for g in rules["groups"] for r in g["rules"]):
+        assert "by (namespace, job" in rule["expr"], rule["alert"]
+        anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[1]
+        assert f"### {anchor.replace('-', ' ').capitalize()}" in readme, anchor
+
+
+def test_every_dashboard_query_is_scoped_by_job() -> None:
+    dash = json.loads((helm.CHART / "files" / "dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    for expr in exprs:
+        for selector in re.findall(r"\b(?:token_broker|grpc_server|process|python)_[a-z0-9_]+(\{[^}]*\})?", expr):
+            assert re.search(r'job=~?"\$job"', selector), expr
+
+
+def test_an_image_digest_pins_the_image() -> None:
+    digest = "sha256:" + "a" * 64
+    docs = helm.render(helm.ALL_FEATURES, sets=(f"image.digest={digest}",))
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f"@{digest}")
+
+
+def test_chart_metadata_for_artifact_hub_and_chart_testing() -> None:
+    chart = yaml.safe_load((helm.CHART / "Chart.yaml").read_text())
+    assert chart["home"]
+    assert chart["sources"]
+    assert chart["maintainers"]
+    assert "artifacthub.io/license" in chart["annotations"]
+    ct = yaml.safe_load((Path(helm.ROOT) / "ct.yaml").read_text())
+    assert ct["charts"] == ["helm/token-broker"]

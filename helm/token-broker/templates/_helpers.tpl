@@ -41,7 +41,11 @@ app.kubernetes.io/part-of: token-broker
 {{- end }}
 
 {{- define "token-broker.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Seconds the kubelet waits after SIGTERM: more than the drain delay plus the shutdown grace. */}}
