@@ -261,3 +261,33 @@ def test_chart_metadata_for_artifact_hub_and_chart_testing() -> None:
     assert "artifacthub.io/license" in chart["annotations"]
     ct = yaml.safe_load((Path(helm.ROOT) / "ct.yaml").read_text())
     assert ct["charts"] == ["helm/token-broker"]
+
+
+def test_the_mesh_shape_istio_policies_pass_istios_own_schemas() -> None:
+    docs = helm.render(helm.MESH)
+    (pa,) = by_kind(docs, "PeerAuthentication")
+    assert pa["spec"]["mtls"]["mode"] == "STRICT"
+    (ap,) = [d for d in by_kind(docs, "AuthorizationPolicy") if d["apiVersion"].startswith("security.istio.io")]
+    assert ap["spec"]["rules"][0]["from"][0]["source"]["principals"] == ["cluster.local/ns/chat/sa/chat-worker"]
+    assert helm.validate_istio(docs) == 2
+    broken = json.loads(json.dumps(pa))
+    broken["spec"]["mtls"]["mode"] = "STRICTLY"
+    with pytest.raises(SystemExit, match="must be equal to one of the allowed values"):
+        helm.validate_istio([broken])
+    (cm,) = [c for c in by_kind(docs, "ConfigMap") if "BROKER_TRUSTED_PROXY_IDENTITY" in c.get("data", {})]
+    assert cm["data"]["BROKER_TRUSTED_PROXY_IDENTITY"] == "xfcc"
+
+
+def test_the_mesh_shape_linkerd_policies_tie_the_server_to_the_allowlist() -> None:
+    docs = helm.render(helm.MESH)
+    (server,) = by_kind(docs, "Server")
+    (mtls,) = by_kind(docs, "MeshTLSAuthentication")
+    (policy,) = [d for d in by_kind(docs, "AuthorizationPolicy") if d["apiVersion"].startswith("policy.linkerd.io")]
+    assert (server["spec"]["port"], server["spec"]["proxyProtocol"]) == ("grpc", "gRPC")
+    assert mtls["spec"]["identities"] == ["chat-worker.chat.serviceaccount.identity.linkerd.cluster.local"]
+    assert policy["spec"]["targetRef"] == {
+        "group": "policy.linkerd.io",
+        "kind": "Server",
+        "name": server["metadata"]["name"],
+    }
+    assert policy["spec"]["requiredAuthenticationRefs"][0]["name"] == mtls["metadata"]["name"]
