@@ -103,10 +103,12 @@ class App:
         self.certificates: ReloadingCertificates | None = None
         self.store = store
         self.idp = idp
-        if tracer is None:
-            tracer = OtelTracer(sdk_provider()) if settings.tracing else NULL_TRACER
-        self.tracer = tracer
         self._stack = AsyncExitStack()
+        if tracer is None and settings.tracing:
+            tracer = OtelTracer(sdk_provider())
+            # Closed last (pushed first): the spans still buffered are exported before the process exits.
+            self._stack.callback(tracer.provider.shutdown)
+        self.tracer = tracer or NULL_TRACER
         self._server: grpc.aio.Server | None = None
         self._entry: RpcEntry | None = None
         self._health = health.aio.HealthServicer()
