@@ -71,9 +71,6 @@ class Link:
     # its holder's last heartbeat. Only read under the refresh lock.
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
 
-    def access_sha256(self) -> bytes:
-        return self.access_token.sha256()
-
 
 @dataclass(frozen=True, slots=True)
 class RefreshedTokens:

@@ -64,11 +64,12 @@ class LockedRefresh:
                     )
                 self._obs.lock_waited(time.monotonic() - waited_from)
                 link = locked.link
-                early = self._answer_without_idp(seen, link, rejected=rejected)
+                # Forced: the row still holds the access token an upstream rejected.
+                forced = rejected is not None and link is not None and link.access_token.sha256() == rejected
+                early = self._answer_without_idp(seen, link, reported=rejected is not None, forced=forced)
                 if early is not None:
                     return early
                 assert link is not None
-                forced = rejected is not None and link.access_sha256() == rejected
                 used = link.refresh_token
                 sent_from = link
                 tokens = await self._send(locked, link)
@@ -95,7 +96,7 @@ class LockedRefresh:
             UserLog(log, uid).warning("write-back of rotated tokens failed (%s); retrying", exc)
             return refreshed(tokens)
 
-    def _answer_without_idp(self, seen: Link, link: Link | None, *, rejected: bytes | None) -> TokenResult | None:
+    def _answer_without_idp(self, seen: Link, link: Link | None, *, reported: bool, forced: bool) -> TokenResult | None:
         """Under the lock, before any IdP call: the answers that need none. Raises RefreshInFlight when a live
         holder elsewhere has this very refresh token at the IdP."""
         if link is None:
@@ -104,13 +105,12 @@ class LockedRefresh:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
         now = self._clock()
         changed = link.refresh_token != seen.refresh_token or link.access_token != seen.access_token
-        forced = rejected is not None and link.access_sha256() == rejected
-        if rejected is not None and not forced:
+        if reported and not forced:
             changed = True  # the rejected token is gone already
         if changed and not forced and not is_expired(link, now):
             # Another caller or replica refreshed (or the user logged in) while we waited for the lock: its token is
             # as fresh as a refresh of ours would be, whatever its lifetime. Use it.
-            if rejected is not None:
+            if reported:
                 self._obs.forced_refresh("replaced")
             return TokenResult(TokenStatus.REFRESHED, link.access_token, link.expiry, refreshed=True)
         if forced and not link.refresh_token:

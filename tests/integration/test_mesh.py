@@ -13,8 +13,7 @@ import grpc
 import pytest
 
 from broker.v1 import token_broker_pb2 as pb
-from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import broker_env, running_broker
+from tests.support.broker import broker_env, call_broker, running_broker
 from tests.support.pg import Database
 from tests.support.proxy import FaultyProxy
 
@@ -23,11 +22,7 @@ XFCC = f'By=spiffe://cluster.local/ns/auth/sa/token-broker;Hash=4a1b;Subject="";
 
 
 async def call(target: str, uid: uuid.UUID, metadata: tuple[tuple[str, str], ...]) -> pb.GetOIDCAccessTokenResponse:
-    async with grpc.aio.insecure_channel(target) as ch:
-        response: pb.GetOIDCAccessTokenResponse = await pb_grpc.TokenBrokerStub(ch).GetOIDCAccessToken(
-            pb.GetOIDCAccessTokenRequest(user_id=str(uid)), timeout=5, metadata=metadata
-        )
-        return response
+    return await call_broker(target, uid, metadata=metadata)
 
 
 async def seeded(db: Database) -> uuid.UUID:

@@ -23,7 +23,7 @@ from broker.model import Link
 from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import broker_env, running_broker
+from tests.support.broker import broker_env, call_broker, running_broker
 from tests.support.certs import CertificateAuthority
 from tests.support.pg import Database
 
@@ -90,12 +90,8 @@ async def _call(
     user: uuid.UUID,
     token: str | None = None,
 ) -> pb.GetOIDCAccessTokenResponse:
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
-        response: pb.GetOIDCAccessTokenResponse = await pb_grpc.TokenBrokerStub(ch).GetOIDCAccessToken(
-            pb.GetOIDCAccessTokenRequest(user_id=str(user)), timeout=3, metadata=metadata
-        )
-        return response
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return await call_broker(f"127.0.0.1:{port}", user, credentials=creds, metadata=metadata, timeout=3)
 
 
 async def _seed(db: Database) -> uuid.UUID:

@@ -78,6 +78,23 @@ class RunningBroker:
         return 0.0
 
 
+async def call_broker(
+    target: str,
+    user_id: object,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 5.0,
+) -> pb.GetOIDCAccessTokenResponse:
+    """One GetOIDCAccessToken on a channel of its own (TLS with `credentials`), as a separate caller would."""
+    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+    async with channel:
+        response: pb.GetOIDCAccessTokenResponse = await pb_grpc.TokenBrokerStub(channel).GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=str(user_id)), timeout=timeout, metadata=metadata or None
+        )
+        return response
+
+
 async def warm_discovery(b: RunningBroker) -> None:
     """Run OIDC discovery now, so that a fault injected next hits only the token endpoint."""
     assert isinstance(b.app.idp, OidcRefresher)
