@@ -1,18 +1,22 @@
-"""`make bench`: throughput and memory of the broker's hot path, as ratios against baselines measured in the same run.
+"""`make bench`: the broker's valid-token path at production defaults (INFO logging with one audit line per
+request, metrics on, the default worker count), as ratios against baselines measured in the same run.
 
-1. gRPC: h2load drives GetOIDCAccessToken (a valid token: one database round trip) against the broker, and the same
-   RPC against a bare grpc.aio server with a constant answer. Success is checked by response bytes, since h2load
-   counts HTTP 200 with a non-zero grpc-status as success.
-2. Elevation: SECURITY DEFINER function (one round trip) against SET LOCAL ROLE in a transaction (four).
-3. Memory: the broker's RSS after the load, against the bare server's.
-Results go to stdout and bench/results/latest.json.
+1. Throughput: h2load (`-c 50 -m 10`, 30,000 calls) against the broker and against a bare grpc.aio server of the same
+   contract with a constant answer, in 3 alternated rounds; the median of the per-round ratios. Success is checked
+   by response bytes, since h2load counts HTTP 200 with a non-zero grpc-status as success.
+2. CPU microseconds per request, from /proc: the broker's processes, PostgreSQL's, the bare server's.
+3. p50/p99 latency with 1, 8 and 500 calls in flight; p99 at half of the broker's maximum throughput, paced, against
+   the bare server's at the same rate (P5).
+4. P3: the same load with 1,000,000 links in user_links (loaded with COPY) against 1,000.
+5. Peak RSS of the broker (all its processes) and of the bare server.
+6. Costs of options: PgBouncer, encryption at rest, tracing; the elevation mechanism (SECURITY DEFINER vs SET ROLE).
+Results go to stdout and bench/results/latest.json. BENCH_QUICK=1 runs only 1 and 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -27,59 +31,25 @@ import asyncpg
 import grpc
 
 from bench.echo_server import ANSWER
+from bench.load import (
+    EIGHT,
+    ONE,
+    PRODUCTION,
+    CpuMeter,
+    Profile,
+    frame,
+    h2load,
+    median,
+    peak_rss_kib,
+    postgres_pids,
+    tree,
+)
 from broker.devdb import free_port
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import ROOT, BrokerProcess, broker_env
 from tests.support.pg import DatabaseFactory, PgServer
 from tests.support.pgbouncer import PgBouncer
-
-REQUESTS = 20000
-CLIENTS = 4
-STREAMS = 8  # per connection: 32 in flight
-
-
-def frame(message: bytes) -> bytes:
-    return b"\x00" + len(message).to_bytes(4, "big") + message
-
-
-def h2load(port: int, body: Path, expected_response_bytes: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "h2load",
-            "-n",
-            str(REQUESTS),
-            "-c",
-            str(CLIENTS),
-            "-m",
-            str(STREAMS),
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-d",
-            str(body),
-            f"http://127.0.0.1:{port}/broker.v1.TokenBroker/GetOIDCAccessToken",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
-    succeeded = int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
-    data = int(re.search(r"traffic: .*?\((\d+)\) data", out).group(1))  # type: ignore[union-attr]
-    latency = re.search(r"time for request:\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)\s+([\d.]+)(us|ms)", out)
-    mean_ms = float(latency.group(5)) / (1000 if latency.group(6) == "us" else 1) if latency else float("nan")
-    ok_by_bytes = data / expected_response_bytes
-    return {"rps": rps, "succeeded": succeeded, "ok_by_bytes": round(ok_by_bytes), "mean_ms": mean_ms}
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def elevation_round_trips(admin_url: str, service_url: str, user: uuid.UUID, n: int = 3000) -> dict[str, float]:
@@ -154,10 +124,7 @@ async def encrypted_valid_token(factory: DatabaseFactory, tmp: Path, body: Path)
     for _ in range(n):
         cipher.decrypt(stored, key_id, check_active=False)
     decrypt_us = (time.perf_counter() - started) / n * 1e6
-    env = broker_env(
-        db, BROKER_LOG_LEVEL="INFO", BROKER_DB_POOL_MAX="10", BROKER_ENCRYPTION_KEYS=base64.b64encode(key).decode()
-    )
-    broker = BrokerProcess(env, tmp / "encrypted.log", metrics=True)
+    broker = broker_process(db, tmp, "encrypted", BROKER_ENCRYPTION_KEYS=base64.b64encode(key).decode())
     with grpc.insecure_channel(broker.target) as channel:
         one = pb_grpc.TokenBrokerStub(channel).GetOIDCAccessToken(
             pb.GetOIDCAccessTokenRequest(user_id=str(user)), timeout=5
@@ -191,23 +158,68 @@ def otlp_sink() -> tuple[str, Any]:
 def traced(
     db: Any, tmp: Path, body: Path, expected: int, endpoint: str, sampler: str, arg: str
 ) -> list[dict[str, float]]:
-    env = broker_env(
+    broker = broker_process(
         db,
-        BROKER_LOG_LEVEL="INFO",
-        BROKER_DB_POOL_MAX="10",
+        tmp,
+        f"traced-{sampler}-{arg}",
         OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
         OTEL_TRACES_SAMPLER=sampler,
         OTEL_TRACES_SAMPLER_ARG=arg,
     )
-    broker = BrokerProcess(env, tmp / f"traced-{sampler}-{arg}.log", metrics=True)
     runs = [h2load(broker.port, body, expected) for _ in range(2)]
     broker.stop()
     return runs
 
 
+PROD_ENV = {"BROKER_LOG_LEVEL": "INFO"}  # production defaults otherwise: metrics on, the default worker count
+
+
+def broker_process(db: Any, tmp: Path, name: str, **env: str) -> BrokerProcess:
+    return BrokerProcess(broker_env(db, **{**PROD_ENV, **env}), tmp / f"{name}.log", metrics=True)
+
+
+def per_request_us(seconds: float, requests: int) -> float:
+    return round(seconds / requests * 1e6, 1)
+
+
+def measured(port: int, body: Path, expected: int, profile: Profile, pids: Any) -> dict[str, float]:
+    """One h2load run with the CPU spent by `pids()` and by PostgreSQL per request."""
+    own, pg = CpuMeter(pids), CpuMeter(postgres_pids)
+    own.start()
+    pg.start()
+    run = h2load(port, body, expected, profile)
+    run["cpu_us"] = per_request_us(own.seconds(), profile.requests)
+    run["pg_cpu_us"] = per_request_us(pg.seconds(), profile.requests)
+    return run
+
+
+async def load_links(db: Any, count: int) -> None:
+    """`count` oidc links with valid tokens, loaded with COPY."""
+    expiry = datetime.now(UTC) + timedelta(days=30)
+    conn = await db.admin()
+    try:
+        batch = 100_000
+        for offset in range(0, count, batch):
+            rows = [
+                (uuid.uuid4(), "oidc", f"access-{offset + i}", f"refresh-{offset + i}", expiry)
+                for i in range(min(batch, count - offset))
+            ]
+            await conn.copy_records_to_table(
+                "user_links",
+                records=rows,
+                columns=["user_id", "login_type", "oauth_access_token", "oauth_refresh_token", "oauth_expiry"],
+            )
+        await conn.execute("ANALYZE user_links")
+    finally:
+        await conn.close()
+
+
 async def main() -> None:
+    import os
+
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client (make bench does this)")
+    quick = os.environ.get("BENCH_QUICK") == "1"
     server = PgServer()
     factory = DatabaseFactory(server)
     db = await factory.create("plain")
@@ -215,6 +227,7 @@ async def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         user = uuid.uuid4()
+        await load_links(db, 999)
         await db.insert_link(user, "bench-token-0123456789", "bench-refresh", datetime.now(UTC) + timedelta(days=30))
         body = tmp / "req.bin"
         body.write_bytes(frame(pb.GetOIDCAccessTokenRequest(user_id=str(user)).SerializeToString()))
@@ -226,11 +239,7 @@ async def main() -> None:
         procs.append(echo)
         assert echo.stdout is not None
         assert echo.stdout.readline().strip() == b"ready"
-        # Production defaults: INFO logging with one audit line per request, metrics on.
-        broker = BrokerProcess(
-            broker_env(db, BROKER_LOG_LEVEL="INFO", BROKER_DB_POOL_MAX="10"), tmp / "b.log", metrics=True
-        )
-
+        broker = broker_process(db, tmp, "broker")
         expected = len(frame(ANSWER.SerializeToString()))
         with grpc.insecure_channel(broker.target) as channel:
             one = pb_grpc.TokenBrokerStub(channel).GetOIDCAccessToken(
@@ -238,95 +247,62 @@ async def main() -> None:
             )
         assert one.status == pb.TOKEN_STATUS_VALID
         expected_broker = len(frame(one.SerializeToString()))
-        baseline = h2load(echo_port, body, expected)
-        measured = h2load(broker.port, body, expected_broker)
-        baseline2 = h2load(echo_port, body, expected)
-        measured2 = h2load(broker.port, body, expected_broker)
-        rss = {"broker_kib": rss_kib(broker.proc.pid), "echo_kib": rss_kib(echo.pid)}
-        broker.stop()
-        encrypted = await encrypted_valid_token(factory, tmp, body)
-        sink_url, sink = otlp_sink()
-        tracing = {
-            "sampled_100": traced(db, tmp, body, expected_broker, sink_url, "always_on", "1"),
-            "sampled_1": traced(db, tmp, body, expected_broker, sink_url, "traceidratio", "0.01"),
-        }
-        sink.shutdown()
-        bouncer = PgBouncer(db.admin_url, db.name, ["token_broker"])
-        try:
-            via = BrokerProcess(
-                broker_env(
-                    db,
-                    BROKER_LOG_LEVEL="INFO",
-                    BROKER_DB_POOL_MAX="10",
-                    BROKER_DATABASE_URL=bouncer.url(db.service_url),
-                    BROKER_DB_STATEMENT_CACHE="false",
-                ),
-                tmp / "pgbouncer.log",
-                metrics=True,
-            )
-            through_bouncer = [h2load(via.port, body, expected_broker) for _ in range(2)]
-            via.stop()
-        finally:
-            bouncer.stop()
-        elevation = await elevation_round_trips(db.admin_url, db.service_url, user)
+        broker_pids = lambda: tree(broker.proc.pid)  # noqa: E731 - the supervisor and its workers
+        echo_pids = lambda: [echo.pid]  # noqa: E731
 
-        base_rps = max(baseline["rps"], baseline2["rps"])
-        broker_rps = max(measured["rps"], measured2["rps"])
+        rounds = []
+        for _ in range(3):
+            bare = measured(echo_port, body, expected, PRODUCTION, echo_pids)
+            ours = measured(broker.port, body, expected_broker, PRODUCTION, broker_pids)
+            rounds.append({"bare": bare, "broker": ours, "ratio": round(ours["rps"] / bare["rps"], 3)})
+        ratio = median([r["ratio"] for r in rounds])
         result: dict[str, Any] = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "postgres": server.kind,
-            "h2load": {"requests": REQUESTS, "clients": CLIENTS, "streams_per_client": STREAMS},
-            "baseline_echo": [baseline, baseline2],
-            "broker_valid_token": [measured, measured2],
-            "throughput_ratio_broker_vs_echo": round(broker_rps / base_rps, 3),
-            "broker_via_pgbouncer_transaction_no_statement_cache": through_bouncer,
-            "encrypted_at_rest": encrypted,
-            "tracing": tracing,
-            "throughput_ratio_tracing_vs_off": {
-                name: round(max(r["rps"] for r in runs) / broker_rps, 3) for name, runs in tracing.items()
-            },
-            "throughput_ratio_encrypted_vs_plain": round(max(r["rps"] for r in encrypted["h2load"]) / broker_rps, 3),
-            "throughput_ratio_pgbouncer_vs_direct": round(max(r["rps"] for r in through_bouncer) / broker_rps, 3),
-            "memory": {**rss, "ratio": round(rss["broker_kib"] / max(rss["echo_kib"], 1), 2)},
-            "elevation": {
-                **{k: round(v, 1) for k, v in elevation.items()},
-                "ratio_set_role_vs_definer": round(
-                    elevation["set_local_role_us"] / elevation["security_definer_us"], 2
-                ),
-            },
+            "cores": len(os.sched_getaffinity(0)),
+            "load": {"requests": PRODUCTION.requests, "clients": PRODUCTION.clients, "streams": PRODUCTION.streams},
+            "rounds": rounds,
+            "throughput_ratio_median": ratio,
+            "broker_cpu_us_median": median([r["broker"]["cpu_us"] for r in rounds]),
+            "bare_cpu_us_median": median([r["bare"]["cpu_us"] for r in rounds]),
+            "postgres_cpu_us_median": median([r["broker"]["pg_cpu_us"] for r in rounds]),
         }
-        for run in (
-            *result["baseline_echo"],
-            *result["broker_valid_token"],
-            *through_bouncer,
-            *encrypted["h2load"],
-            *tracing["sampled_100"],
-            *tracing["sampled_1"],
-        ):
-            if run["ok_by_bytes"] != REQUESTS:
-                raise SystemExit(f"h2load: only {run['ok_by_bytes']} of {REQUESTS} answers had the expected size")
+        if not quick:
+            latency = {}
+            for name, profile in (("1", ONE), ("8", EIGHT)):
+                latency[name] = {
+                    "bare": h2load(echo_port, body, expected, profile),
+                    "broker": h2load(broker.port, body, expected_broker, profile),
+                }
+            latency["500"] = {
+                "bare": {k: median([r["bare"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
+                "broker": {k: median([r["broker"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
+            }
+            result["latency_by_in_flight"] = latency
+            half = median([r["broker"]["rps"] for r in rounds]) / 2
+            paced = Profile(int(half * 15), PRODUCTION.clients, PRODUCTION.streams, rate=half)
+            p5_bare = h2load(echo_port, body, expected, paced)
+            p5_broker = h2load(broker.port, body, expected_broker, paced)
+            result["p5_half_max_rate"] = {
+                "rate": round(half),
+                "bare": p5_bare,
+                "broker": p5_broker,
+                "p99_ratio": round(p5_broker["p99_ms"] / p5_bare["p99_ms"], 2),
+            }
+        result["memory"] = {
+            "broker_peak_kib": peak_rss_kib(broker_pids()),
+            "workers": len(broker_pids()),
+            "bare_peak_kib": peak_rss_kib(echo_pids()),
+        }
+        broker.stop()
+        if not quick:
+            result["p3_one_million_links"] = await million_links(factory, tmp, echo_port, expected)
+            result["options"] = await options(factory, db, tmp, user, body, expected_broker, ratio, rounds)
         out = ROOT / "bench" / "results"
         out.mkdir(exist_ok=True)
-        (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / ("quick.json" if quick else "latest.json")).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
-        print(
-            f"\nbroker / bare grpc.aio echo throughput: {result['throughput_ratio_broker_vs_echo']:.2f}  "
-            f"({broker_rps:.0f} vs {base_rps:.0f} req/s)"
-        )
-        print(
-            f"valid-token read: SECURITY DEFINER {elevation['security_definer_us']:.0f} us vs SET LOCAL ROLE "
-            f"{elevation['set_local_role_us']:.0f} us ({result['elevation']['ratio_set_role_vs_definer']}x)"
-        )
-        print(
-            "valid token through PgBouncer (transaction pooling, no statement cache) vs direct: "
-            f"{result['throughput_ratio_pgbouncer_vs_direct']:.2f}"
-        )
-        print(
-            f"valid token encrypted at rest vs plain: {result['throughput_ratio_encrypted_vs_plain']:.2f}; "
-            f"decrypting one token: {encrypted['decrypt_us']:.1f} us"
-        )
-        print(f"tracing on vs off (throughput): {result['throughput_ratio_tracing_vs_off']}")
-        print(f"RSS after load: broker {rss['broker_kib'] / 1024:.1f} MiB vs echo {rss['echo_kib'] / 1024:.1f} MiB")
+        summary(result)
     finally:
         for p in procs:
             p.terminate()
@@ -334,6 +310,104 @@ async def main() -> None:
         await factory.drop_all()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def million_links(factory: DatabaseFactory, tmp: Path, echo_port: int, expected: int) -> dict[str, Any]:
+    """Throughput with 1,000 and with 1,000,000 links, alternated (each against the bare server of its round)."""
+    out: dict[str, Any] = {}
+    for count in (1_000, 1_000_000):
+        db = await factory.create("plain")
+        user = uuid.uuid4()
+        await load_links(db, count - 1)
+        await db.insert_link(user, "bench-token-0123456789", "bench-refresh", datetime.now(UTC) + timedelta(days=30))
+        body = tmp / f"req-{count}.bin"
+        body.write_bytes(frame(pb.GetOIDCAccessTokenRequest(user_id=str(user)).SerializeToString()))
+        broker = broker_process(db, tmp, f"links-{count}")
+        with grpc.insecure_channel(broker.target) as channel:
+            one = pb_grpc.TokenBrokerStub(channel).GetOIDCAccessToken(
+                pb.GetOIDCAccessTokenRequest(user_id=str(user)), timeout=5
+            )
+        size = len(frame(one.SerializeToString()))
+        runs = [h2load(broker.port, body, size) for _ in range(3)]
+        broker.stop()
+        out[str(count)] = {"rps_median": median([r["rps"] for r in runs]), "runs": runs}
+    out["ratio_1m_vs_1k"] = round(out["1000000"]["rps_median"] / out["1000"]["rps_median"], 3)
+    return out
+
+
+async def options(
+    factory: DatabaseFactory, db: Any, tmp: Path, user: uuid.UUID, body: Path, expected: int, ratio: float, rounds: Any
+) -> dict[str, Any]:
+    """What PgBouncer, encryption at rest and tracing cost, against the plain broker's median throughput."""
+    base = median([r["broker"]["rps"] for r in rounds])
+    encrypted = await encrypted_valid_token(factory, tmp, body)
+    sink_url, sink = otlp_sink()
+    tracing = {
+        "sampled_100": traced(db, tmp, body, expected, sink_url, "always_on", "1"),
+        "sampled_1": traced(db, tmp, body, expected, sink_url, "traceidratio", "0.01"),
+    }
+    sink.shutdown()
+    bouncer = PgBouncer(db.admin_url, db.name, ["token_broker"])
+    try:
+        via = broker_process(
+            db,
+            tmp,
+            "pgbouncer",
+            BROKER_DATABASE_URL=bouncer.url(db.service_url),
+            BROKER_DB_STATEMENT_CACHE="false",
+        )
+        through_bouncer = [h2load(via.port, body, expected) for _ in range(2)]
+        via.stop()
+    finally:
+        bouncer.stop()
+    elevation = await elevation_round_trips(db.admin_url, db.service_url, user)
+
+    def rel(runs: list[dict[str, float]]) -> float:
+        return round(median([r["rps"] for r in runs]) / base, 3)
+
+    return {
+        "pgbouncer_transaction_no_statement_cache": {"runs": through_bouncer, "ratio_vs_direct": rel(through_bouncer)},
+        "encrypted_at_rest": {**encrypted, "ratio_vs_plain": rel(encrypted["h2load"])},
+        "tracing": {name: {"runs": runs, "ratio_vs_off": rel(runs)} for name, runs in tracing.items()},
+        "elevation": {
+            **{k: round(v, 1) for k, v in elevation.items()},
+            "ratio_set_role_vs_definer": round(elevation["set_local_role_us"] / elevation["security_definer_us"], 2),
+        },
+    }
+
+
+def summary(r: dict[str, Any]) -> None:
+    print(f"\nbroker / bare grpc.aio throughput (median of 3 rounds): {r['throughput_ratio_median']:.2f}")
+    print(
+        f"CPU per request: broker {r['broker_cpu_us_median']:.0f} us, PostgreSQL {r['postgres_cpu_us_median']:.0f}"
+        f" us, bare server {r['bare_cpu_us_median']:.0f} us"
+    )
+    for name, pair in r.get("latency_by_in_flight", {}).items():
+        b, e = pair["broker"], pair["bare"]
+        print(
+            f"{name:>3} in flight: broker p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms;"
+            f" bare p50 {e['p50_ms']} ms p99 {e['p99_ms']} ms"
+        )
+    if "p5_half_max_rate" in r:
+        p5 = r["p5_half_max_rate"]
+        print(f"P5 at {p5['rate']} req/s: p99 broker / bare = {p5['p99_ratio']}")
+    if "p3_one_million_links" in r:
+        print(f"P3 throughput 1,000,000 links / 1,000: {r['p3_one_million_links']['ratio_1m_vs_1k']}")
+    m = r["memory"]
+    print(
+        f"peak RSS: broker {m['broker_peak_kib'] / 1024:.1f} MiB ({m['workers']} processes),"
+        f" bare {m['bare_peak_kib'] / 1024:.1f} MiB"
+    )
+    if "options" in r:
+        o = r["options"]
+        print(
+            f"vs plain: PgBouncer {o['pgbouncer_transaction_no_statement_cache']['ratio_vs_direct']},"
+            f" encrypted {o['encrypted_at_rest']['ratio_vs_plain']},"
+            f" tracing 100% {o['tracing']['sampled_100']['ratio_vs_off']},"
+            f" 1% {o['tracing']['sampled_1']['ratio_vs_off']}"
+        )
+        e = o["elevation"]
+        print(f"read: SECURITY DEFINER {e['security_definer_us']} us vs SET LOCAL ROLE {e['set_local_role_us']} us")
 
 
 if __name__ == "__main__":
