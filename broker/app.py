@@ -154,7 +154,9 @@ class App:
         cipher = None
         if s.encryption_keys is not None:
             cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
-        store = PostgresStore(pool, cipher)
+        # Two connections are held for valid-token reads (half the pool at most); the rest serve refreshes.
+        store = PostgresStore(pool, cipher, read_connections=max(1, min(2, s.db_pool_max // 2)))
+        self._stack.push_async_callback(store.close)  # before the pool closes: it waits for held connections
         self.metrics.bind_pool(store.pool_stats)
         if cipher is not None:
             # Before anything is served: the keys must be the product's (the broker never inserts keys).
@@ -187,13 +189,13 @@ class App:
 
     def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
         self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper, self.tracer, self.settings.trace_user_id)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self._entry]
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if isinstance(self.tracer, OtelTracer):
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
             server_spans = aio_server_interceptor(tracer_provider=self.tracer.provider)  # type: ignore[no-untyped-call]  # untyped package
-            interceptors.insert(0, server_spans)
-        return listeners.build_server(self.settings, interceptors, service.servicer, self._health)
+            interceptors.append(server_spans)
+        return listeners.build_server(self.settings, interceptors, self._entry, service.servicer, self._health)
 
     async def _start_listeners(self, server: grpc.aio.Server) -> None:
         s = self.settings

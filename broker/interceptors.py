@@ -1,18 +1,19 @@
-"""The server interceptor: where every RPC enters. Caller authorisation, per-caller limits, gRPC metrics, the
-access/audit log line, and the last-resort mapping of unexpected exceptions to INTERNAL."""
+"""Where every RPC enters: caller authorisation, per-caller limits, gRPC metrics, the access/audit log line, and the
+last-resort mapping of unexpected exceptions to INTERNAL. Each method's handler is wrapped once, when the services
+are registered (not a grpc.aio interceptor, which grpc awaits on every call)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from broker.calls import CallRecord, Rejected, current_call
+from broker.logs import info_line
 from broker.metrics import Metrics
 from broker.ports import Gatekeeper
 from broker.tracing import NULL_TRACER, Tracer
@@ -32,10 +33,10 @@ class _Unparsable:
     size: int
 
 
-class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped (Any)
+class RpcEntry:
     """Where every RPC enters: admits the caller (protected service only), counts it, writes its access or audit
     line, and maps an unexpected exception to INTERNAL with a generic message. Each method's handler is wrapped
-    once, with its metric children bound up front."""
+    once, at registration (`registering(server)`), with its metric children bound up front."""
 
     def __init__(
         self,
@@ -54,19 +55,19 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
         self._draining = False
         self._in_flight = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
+    def registering(self, server: grpc.aio.Server) -> _Registering:
+        """`server` as the generated add_*_to_server functions see it: every unary method they add is wrapped."""
+        return _Registering(server, self)
+
+    def handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The wrapped handler of `method` (streaming handlers as they are)."""
         if handler is None or handler.unary_unary is None:
             return handler
-        wrapped = self._wrap(details.method, handler)
-        self._wrapped[details.method] = wrapped  # one entry per registered method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
         return wrapped
 
     def start_draining(self) -> None:
@@ -198,7 +199,7 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
             rejected_token_reported=record.reported,
             audit=True,
         )
-        audit_log.info("token request", extra=fields)
+        info_line(audit_log, "token request", fields)
         if self._tracer.enabled:
             self._tracer.annotate(
                 **{
@@ -208,3 +209,27 @@ class RpcEntry(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
                     "token_broker.user_id": record.user_id if self._trace_user_id else None,
                 }
             )
+
+
+class _Registering:
+    """A server whose method handlers are wrapped by the entry as they are added."""
+
+    def __init__(self, server: grpc.aio.Server, entry: RpcEntry) -> None:
+        self._server = server
+        self._entry = entry
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {name: self._entry.handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Generic(h, self._entry) for h in handlers))
+
+
+class _Generic(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped (Any)
+    def __init__(self, inner: grpc.GenericRpcHandler, entry: RpcEntry) -> None:
+        self._inner = inner
+        self._entry = entry
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self._entry.handler(details.method, self._inner.service(details))

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from broker.config import Settings
 from broker.errors import ConfigError
+from broker.interceptors import RpcEntry
 from broker.ports import LinkStore
 from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.tls import ReloadingCertificates
@@ -30,27 +31,30 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def build_server(
     s: Settings,
     interceptors: list[grpc.aio.ServerInterceptor],
+    entry: RpcEntry,
     servicer: TokenBrokerServicer,
     health_servicer: health.aio.HealthServicer,
 ) -> grpc.aio.Server:
-    """The gRPC server: the token service behind the interceptors (tracing, then the entry), health, reflection."""
+    """The gRPC server: the token service, health and reflection, each method wrapped by the entry; `interceptors`
+    (tracing, when on) run before it."""
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", s.max_request_bytes),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    pb_grpc.add_TokenBrokerServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    registering = entry.registering(server)
+    pb_grpc.add_TokenBrokerServicer_to_server(servicer, registering)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registering)
     reflection.enable_server_reflection(
         (
             pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
-        server,
+        server,  # streaming only (nothing to wrap); it picks its aio servicer by the server's type
     )
     return server
 

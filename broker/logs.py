@@ -33,12 +33,16 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return self.render(entry)
+
+    def render(self, entry: dict[str, Any]) -> str:
+        """One line of `entry` (plus the trace ids when on), secrets redacted."""
         if self._trace_ids:
             from broker.tracing import log_ids
 
             entry.update(log_ids())
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
         line = json.dumps(entry, default=str, separators=(",", ":"))
         for secret in self._redact:
             if secret in line:
@@ -46,11 +50,42 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
+_direct: tuple[logging.StreamHandler[TextIO], JsonFormatter] | None = None
+
+
+def info_line(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """An INFO line with `fields`, as `logger.info(msg, extra=fields)` writes it. When the only handler is the one
+    `configure` installed, it is one preformatted write (no LogRecord, no caller lookup: the per-request audit line
+    is on the hot path); when anything else listens too (a test's log capture), it goes through logging."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    direct = _direct
+    handlers = logging.root.handlers
+    if direct is None or len(handlers) != 1 or handlers[0] is not direct[0] or logger.handlers:
+        logger.info(msg, extra=fields)
+        return
+    handler, formatter = direct
+    entry = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": "info",
+        "logger": logger.name,
+        "msg": msg,
+        **fields,
+    }
+    line = formatter.render(entry) + "\n"
+    with handler.lock:  # type: ignore[union-attr]  # created with the handler
+        handler.stream.write(line)
+        handler.stream.flush()
+
+
 def configure(level: str, redact: Iterable[str] = (), stream: TextIO | None = None, *, trace_ids: bool = False) -> None:
     """Route every logger to one JSON handler on stdout at `level`; with `trace_ids`, lines written inside a span
     carry its trace_id and span_id."""
+    global _direct
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter(redact, trace_ids=trace_ids))
+    formatter = JsonFormatter(redact, trace_ids=trace_ids)
+    handler.setFormatter(formatter)
+    _direct = (handler, formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

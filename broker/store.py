@@ -26,11 +26,13 @@ from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.logs import UserLog
 from broker.model import Link, RefreshedTokens, Secret
 from broker.pgsocket import watch_socket
+from broker.reads import ReadLanes
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
 
 GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
+GET_LINKS = "SELECT * FROM token_broker.get_oidc_links($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5, $6, $7, $8)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1, $2)"
@@ -125,11 +127,15 @@ class _Locked:
 
 
 class PostgresStore:
-    """LinkStore on an asyncpg pool."""
+    """LinkStore on an asyncpg pool. Reads of links run on a few connections held from the pool (broker.reads:
+    one statement per read, batched only when every read connection is busy, never older than the request)."""
 
-    def __init__(self, pool: asyncpg.Pool, cipher: Cipher | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, cipher: Cipher | None = None, *, read_connections: int = 2) -> None:
         self._pool = pool
         self.codec = Codec(cipher)
+        self._reads: ReadLanes[PoolConnection, UUID, asyncpg.Record] = ReadLanes(
+            self, _fetch_links, _reusable, lanes=read_connections
+        )
 
     @staticmethod
     async def create_pool(
@@ -190,10 +196,32 @@ class PostgresStore:
             await self._give_back(conn, broken)
 
     async def get_link(self, user_id: UUID, *, timeout: float) -> Link | None:
-        row = await self.run(
-            timeout, "reading the link", lambda conn: conn.fetchrow(GET_LINK, user_id), idempotent=True
-        )
+        deadline = time.monotonic() + timeout
+        try:
+            row = await self._reads.get(user_id, timeout)
+        except _BROKEN as exc:
+            if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
+                raise _translate(exc, "reading the link") from None
+            log.info("connection died while reading the link (%s); trying once more", type(exc).__name__)
+            await self._pool.expire_connections()  # a failover or terminated backends: replace the pooled ones
+            try:
+                row = await self._reads.get(user_id, deadline - time.monotonic())
+            except _DB_ERRORS as again:
+                raise _translate(again, "reading the link") from None
+        except _DB_ERRORS as exc:
+            raise _translate(exc, "reading the link") from None
         return self.codec.link(user_id, row)
+
+    async def acquire(self) -> PoolConnection:
+        """A connection for a read lane (ConnectionSource)."""
+        return await self._pool.acquire()
+
+    async def give_back(self, conn: PoolConnection, broken: bool) -> None:
+        await self._give_back(conn, broken)
+
+    async def close(self) -> None:
+        """Give the read connections back to the pool (before the pool closes)."""
+        await self._reads.close()
 
     @asynccontextmanager
     async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[_Locked]:
@@ -276,6 +304,19 @@ class PostgresStore:
         except Exception:
             with suppress(Exception):
                 conn.terminate()
+
+
+async def _fetch_links(conn: PoolConnection, user_ids: list[UUID]) -> dict[UUID, asyncpg.Record]:
+    if len(user_ids) == 1:
+        row = await conn.fetchrow(GET_LINK, user_ids[0])
+        return {} if row is None else {user_ids[0]: row}
+    return {row["user_id"]: row for row in await conn.fetch(GET_LINKS, user_ids)}
+
+
+def _reusable(exc: BaseException) -> bool:
+    """Whether a read connection is still fine after `exc`: an SQL error, yes; the transport, a timeout or a
+    cancellation mid-statement, no."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _BROKEN)
 
 
 def _loop_deadline(monotonic_deadline: float) -> float:

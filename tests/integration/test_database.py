@@ -197,8 +197,10 @@ async def test_functions_are_not_executable_by_public(product_db: Database) -> N
 @pytest.mark.parametrize(
     "weaken",
     [
-        "ALTER FUNCTION token_broker.get_oidc_link(uuid) SECURITY INVOKER",
-        "ALTER FUNCTION token_broker.get_oidc_link(uuid) OWNER TO {service}",
+        "ALTER FUNCTION token_broker.get_oidc_link(uuid) SECURITY INVOKER;"
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) SECURITY INVOKER",
+        "ALTER FUNCTION token_broker.get_oidc_link(uuid) OWNER TO {service};"
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) OWNER TO {service}",
         "REVOKE SELECT ON user_links FROM token_broker_elevated",
     ],
 )
@@ -212,6 +214,8 @@ async def test_without_the_elevation_reads_fail_with_permission_denied(product_d
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
             await conn.fetchrow("SELECT * FROM token_broker.get_oidc_link($1)", uid)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchrow("SELECT * FROM token_broker.get_oidc_links($1)", [uid])
     finally:
         await conn.close()
     async with running_broker(broker_env(product_db)) as b:

@@ -74,6 +74,8 @@ async def test_planted_operator_never_runs_as_the_elevated_role(product_db: Data
     try:
         rows = await conn.fetch("SELECT * FROM token_broker.get_oidc_link($1)", uid)
         assert [r["access_token"] for r in rows] == ["oidc-access"]
+        batch = await conn.fetch("SELECT * FROM token_broker.get_oidc_links($1)", [uid, uuid.uuid4()])
+        assert [(r["user_id"], r["access_token"]) for r in batch] == [(uid, "oidc-access")]
         async with conn.transaction():
             locked = await conn.fetch("SELECT * FROM token_broker.lock_oidc_link($1)", uid)
             assert [r["access_token"] for r in locked] == ["oidc-access"]
@@ -135,4 +137,6 @@ async def test_functions_resolve_nothing_outside_pg_catalog_first(product_db: Da
     paths = {r["proname"]: r["proconfig"] for r in rows}
     expected = {name: ["search_path=pg_catalog, pg_temp"] for name in paths}
     expected["store_refreshed"] = ["search_path=pg_catalog, public, pg_temp"]
+    for read in ("get_oidc_link", "get_oidc_links"):  # plpgsql with one cached generic plan
+        expected[read] = [*expected[read], "plan_cache_mode=force_generic_plan"]
     assert paths == expected
