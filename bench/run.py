@@ -171,7 +171,7 @@ def traced(
     return runs
 
 
-PROD_ENV = {"BROKER_LOG_LEVEL": "INFO"}  # production defaults otherwise: metrics on, the default worker count
+PROD_ENV = {"BROKER_LOG_LEVEL": "INFO", "BROKER_WORKERS": "auto"}  # production defaults: metrics on, workers by CPUs
 
 
 def broker_process(db: Any, tmp: Path, name: str, **env: str) -> BrokerProcess:

@@ -27,6 +27,7 @@ from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
+from broker.peers import WorkerReadiness
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
@@ -96,7 +97,7 @@ class App:
             raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, multiprocess=settings.workers_dir is not None)
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
@@ -124,10 +125,13 @@ class App:
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
         readiness = asyncio.create_task(
-            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping),
+            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
             name="readiness",
         )
         self._stack.push_async_callback(_cancel, readiness)
+        if self.settings.workers_dir is not None:
+            sampling = asyncio.create_task(self._sample_metrics(), name="metrics-sampling")
+            self._stack.push_async_callback(_cancel, sampling)
         log.info(
             "token-broker serving",
             extra={
@@ -135,8 +139,20 @@ class App:
                 "port": self.port,
                 "version": __version__,
                 "metrics": self.settings.metrics_listen or None,
+                "worker": self.settings.worker_index,
             },
         )
+
+    def _peers(self) -> WorkerReadiness | None:
+        s = self.settings
+        if s.workers_dir is None or s.worker_index is None:
+            return None
+        return WorkerReadiness(s.workers_dir, s.worker_index, s.workers, stale_after=3 * s.health_interval + 2)
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            self.metrics.sample()
+            await asyncio.sleep(1.0)
 
     async def _open_store(self) -> LinkStore:
         if self.store is not None:

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import grpc
@@ -84,15 +84,33 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return asyncio.run(_migrate(settings))
         if args.command == "dev":
             return _dev(env)
+        if settings.worker_index is None and settings.workers > 1:
+            from broker.supervisor import supervise
+
+            return supervise(settings, env)
         from broker.app import serve
 
-        asyncio.run(serve(settings, exit_process=_exit_now))
+        _run(serve(settings, exit_process=_exit_now), settings.event_loop)
         return 0
     except BrokerError as exc:
         print(f"token-broker: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the server on uvloop (libuv: measurably less CPU per request than asyncio's loop) unless asked not to or
+    not installed."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger("broker.app").warning("uvloop is not installed; running on asyncio's event loop")
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def _exit_now(code: int) -> NoReturn:

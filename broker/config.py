@@ -7,6 +7,7 @@ files (`*_FILE`), so they need not sit in the environment.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -105,6 +106,15 @@ class Settings:
     """BROKER_TRUSTED_PROXY_IDENTITY: none, xfcc (Envoy/Istio's x-forwarded-client-cert) or l5d (Linkerd's
     l5d-client-id): the caller's identity as the local sidecar verified it, trusted only from
     BROKER_TRUSTED_PROXY_ADDRESSES. With a mode on, every call needs an identity."""
+    workers: int = 0
+    """BROKER_WORKERS: processes serving the one port (SO_REUSEPORT), each with its own pool, under one supervisor;
+    `auto` or unset: the CPUs the container may use (its cgroup CPU quota, rounded up; else the CPU affinity)."""
+    event_loop: str = "uvloop"
+    """BROKER_EVENT_LOOP: uvloop (the default; falls back to asyncio if it is not installed) or asyncio."""
+    worker_index: int | None = None
+    """BROKER_WORKER_INDEX (set by the supervisor, not by operators): this process is worker N of BROKER_WORKERS."""
+    workers_dir: Path | None = None
+    """BROKER_WORKERS_DIR (set by the supervisor): where the workers share readiness and metrics."""
     trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
@@ -232,6 +242,10 @@ def _read(r: EnvReader) -> Settings:
         ),
         max_request_bytes=r.integer("BROKER_MAX_REQUEST_BYTES", _D.max_request_bytes, 64, 1 << 20),
         health_listen=r.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
+        workers=_workers(r),
+        event_loop=_event_loop(r),
+        worker_index=r.integer("BROKER_WORKER_INDEX", 0, 0, 1023) if r.raw("BROKER_WORKER_INDEX") else None,
+        workers_dir=Path(d) if (d := r.raw("BROKER_WORKERS_DIR")) else None,
     )
     if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
         r.errors.append(
@@ -241,6 +255,41 @@ def _read(r: EnvReader) -> Settings:
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
+
+
+def _workers(r: EnvReader) -> int:
+    text = (r.raw("BROKER_WORKERS") or "auto").strip().lower()
+    if text == "auto":
+        return cpu_limit()
+    return r.integer("BROKER_WORKERS", 1, 1, 64)
+
+
+def cpu_limit() -> int:
+    """The CPUs this process may use: the cgroup CPU quota rounded up (v2 cpu.max, v1 cfs quota), at most the CPU
+    affinity; the affinity alone without a quota."""
+    cpus = len(os.sched_getaffinity(0))
+    quota: float | None = None
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if limit != "max":
+            quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            if q > 0:
+                quota = q / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota - 0.01)))
+    return max(1, min(cpus, 64))
+
+
+def _event_loop(r: EnvReader) -> str:
+    loop = (r.raw("BROKER_EVENT_LOOP") or _D.event_loop).lower()
+    if loop not in ("uvloop", "asyncio"):
+        r.errors.append("BROKER_EVENT_LOOP: must be uvloop or asyncio")
+    return loop
 
 
 def _proxy_mode(r: EnvReader) -> str:

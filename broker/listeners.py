@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.interceptors import RpcEntry
+from broker.peers import WorkerReadiness
 from broker.ports import LinkStore
 from broker.service import SERVICE_NAME, TokenBrokerServicer
 from broker.tls import ReloadingCertificates
@@ -105,15 +106,25 @@ def start_metrics(listen: str, registry: CollectorRegistry, stack: AsyncExitStac
 
 
 async def watch_database(
-    store: LinkStore, health_servicer: health.aio.HealthServicer, interval: float, stopping: asyncio.Event
+    store: LinkStore,
+    health_servicer: health.aio.HealthServicer,
+    interval: float,
+    stopping: asyncio.Event,
+    peers: WorkerReadiness | None = None,
 ) -> None:
-    """Readiness: the token service is SERVING only while the database answers; checked every `interval`."""
+    """Readiness: the token service is SERVING only while the database answers (and, with workers, while every
+    worker says so); checked every `interval`, every 0.5 s while this worker waits for the others."""
     serving: bool | None = None
     while not stopping.is_set():
-        ok = await store.ping(timeout=min(interval, 2.0))
+        own = await store.ping(timeout=min(interval, 2.0))
+        ok = own
+        if peers is not None:
+            peers.report(own)
+            ok = own and peers.all_ready()
         if ok != serving and not stopping.is_set():
             serving = ok
             await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
-            (log.info if ok else log.error)("readiness changed", extra={"serving": ok})
+            (log.info if ok else log.error)("readiness changed", extra={"serving": ok, "database": own})
+        wait = min(interval, 0.5) if own and not ok else interval
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval)
+            await asyncio.wait_for(stopping.wait(), wait)

@@ -39,12 +39,19 @@ del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry'
 class Metrics:
     """Every metric of the broker; also the refresher's RefreshObserver."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, multiprocess: bool = False) -> None:
+        """`multiprocess`: one of several workers (PROMETHEUS_MULTIPROC_DIR set): values go to the shared files
+        the supervisor's /metrics reads, gauges are summed over live workers, and the gauges computed on scrape
+        here are sampled by `sample()` instead."""
         self.registry = registry
+        self._multiprocess = multiprocess
+        self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-        self.build_info = Gauge("token_broker_build_info", "Build information.", ["version"], registry=registry)
+        self.build_info = Gauge(
+            "token_broker_build_info", "Build information.", ["version"], registry=registry, multiprocess_mode="max"
+        )
         self.build_info.labels(version=__version__).set(1)
         self.token_requests = Counter(
             "token_broker_token_requests", "Token requests answered, by TokenStatus.", ["status"], registry=registry
@@ -69,7 +76,10 @@ class Metrics:
             registry=registry,
         )
         self.refresh_inflight = Gauge(
-            "token_broker_refresh_inflight", "Refreshes running in this process.", registry=registry
+            "token_broker_refresh_inflight",
+            "Refreshes running (summed over the workers).",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.untrusted_identity_headers = Counter(
             "token_broker_untrusted_identity_headers",
@@ -97,17 +107,27 @@ class Metrics:
         )
         self.circuit = Gauge(
             "token_broker_idp_circuit_state",
-            "IdP circuit breaker: 0 closed, 1 open, 2 half-open.",
+            "IdP circuit breaker: 0 closed, 1 open, 2 half-open (the most open of the workers').",
             registry=registry,
+            multiprocess_mode="livemax",
         )
-        self.db_pool_size = Gauge("token_broker_db_pool_connections", "Connections in the pool.", registry=registry)
+        self.db_pool_size = Gauge(
+            "token_broker_db_pool_connections",
+            "Connections in the pool.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.db_pool_in_use = Gauge(
-            "token_broker_db_pool_connections_in_use", "Pool connections in use.", registry=registry
+            "token_broker_db_pool_connections_in_use",
+            "Pool connections in use.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.unpersisted = Gauge(
             "token_broker_refresh_unpersisted",
             "Refreshed tokens held in memory awaiting write-back.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
@@ -126,11 +146,22 @@ class Metrics:
         )
 
     def bind_pool(self, stats: Callable[[], tuple[int, int]]) -> None:
-        self.db_pool_size.set_function(lambda: stats()[0])
-        self.db_pool_in_use.set_function(lambda: stats()[1])
+        self._bind(self.db_pool_size, lambda: stats()[0])
+        self._bind(self.db_pool_in_use, lambda: stats()[1])
 
     def bind_unpersisted(self, count: Callable[[], int]) -> None:
-        self.unpersisted.set_function(lambda: float(count()))
+        self._bind(self.unpersisted, lambda: float(count()))
+
+    def _bind(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        if self._multiprocess:
+            self._sampled.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def sample(self) -> None:
+        """Multiprocess mode: set the computed gauges now (called every second by the worker)."""
+        for gauge, read in self._sampled:
+            gauge.set(read())
 
     # RefreshObserver
     def refresh_finished(self, result: str, seconds: float) -> None:

@@ -37,6 +37,7 @@ def broker_env(db: Database | None, idp: OidcTestProvider | None = None, **overr
         "BROKER_METRICS_LISTEN": "127.0.0.1:0",
         "BROKER_HEALTH_INTERVAL": "0.2",
         "BROKER_SHUTDOWN_GRACE": "1",
+        "BROKER_WORKERS": "1",  # the worker tests ask for more
     }
     if db is not None:
         env["BROKER_DATABASE_URL"] = db.service_url
