@@ -151,5 +151,24 @@ def peak_rss_kib(pids: list[int]) -> int:
     return total
 
 
+def pss_kib(pids: list[int]) -> int:
+    """Sum of the processes' proportional set size: shared pages counted once in all (what the pod's memory
+    cgroup is charged, where RSS counts a shared page in every process)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def rss_each_kib(pids: list[int]) -> list[int]:
+    """Each process's peak RSS (VmHWM)."""
+    return [peak_rss_kib([pid]) for pid in pids]
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))

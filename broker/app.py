@@ -204,7 +204,14 @@ class App:
         return client
 
     def _build_server(self, service: Service, gatekeeper: Gatekeeper) -> grpc.aio.Server:
-        self._entry = RpcEntry(self.metrics, SERVICE_NAME, gatekeeper, self.tracer, self.settings.trace_user_id)
+        self._entry = RpcEntry(
+            self.metrics,
+            SERVICE_NAME,
+            gatekeeper,
+            self.tracer,
+            self.settings.trace_user_id,
+            worker=self.settings.worker_index,
+        )
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if isinstance(self.tracer, OtelTracer):
             from opentelemetry.instrumentation.grpc import aio_server_interceptor

@@ -11,8 +11,6 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import grpc
-
 from broker import __version__, logs
 from broker.config import DevSettings, Settings, client_target, process_environment
 from broker.errors import BrokerError
@@ -141,6 +139,8 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import grpc
+
     from broker.client import TokenBrokerClient
 
     target = args.target or client_target(env)
@@ -158,6 +158,7 @@ async def _get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or client_target(env)

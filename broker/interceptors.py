@@ -45,7 +45,9 @@ class RpcEntry:
         gatekeeper: Gatekeeper,
         tracer: Tracer = NULL_TRACER,
         trace_user_id: bool = False,
+        worker: int | None = None,
     ) -> None:
+        self._worker = worker
         self._tracer = tracer
         self._trace_user_id = trace_user_id
         self._metrics = metrics
@@ -199,6 +201,8 @@ class RpcEntry:
             rejected_token_reported=record.reported,
             audit=True,
         )
+        if self._worker is not None:
+            fields["worker"] = self._worker
         info_line(audit_log, "token request", fields)
         if self._tracer.enabled:
             self._tracer.annotate(

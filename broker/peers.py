@@ -22,6 +22,11 @@ class WorkerReadiness:
     def _path(self, index: int) -> Path:
         return self._directory / f"ready-{index}"
 
+    @staticmethod
+    def forget(directory: Path, index: int) -> None:
+        """The supervisor saw worker `index` exit: its record goes at once (the others turn unready)."""
+        (directory / f"ready-{index}").unlink(missing_ok=True)
+
     def report(self, ready: bool) -> None:
         """Record this worker's own readiness (atomically: a reader sees the old or the new record)."""
         tmp = self._directory / f".ready-{self._index}.tmp"

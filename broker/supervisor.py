@@ -26,6 +26,7 @@ from types import FrameType
 
 from broker.config import Settings
 from broker.errors import ConfigError
+from broker.peers import WorkerReadiness
 
 log = logging.getLogger("broker.supervisor")
 
@@ -76,7 +77,7 @@ class Supervisor:
         try:
             for worker in self._workers:
                 self._start(worker)
-            return self._watch(shared / "metrics")
+            return self._watch(shared)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -99,7 +100,7 @@ class Supervisor:
         worker.proc = subprocess.Popen([sys.executable, "-m", "broker", "serve"], env=env)
         worker.started = time.monotonic()
 
-    def _watch(self, metrics_dir: Path) -> int:
+    def _watch(self, shared: Path) -> int:
         s = self._settings
         kill_at: float | None = None
         worst = 0
@@ -122,7 +123,8 @@ class Supervisor:
                         log.error("worker did not stop in time; killing it", extra={"worker": worker.index})
                         proc.kill()
                     continue
-                _mark_dead(metrics_dir, proc.pid)
+                WorkerReadiness.forget(shared, worker.index)
+                _mark_dead(shared / "metrics", proc.pid)
                 worker.proc = None
                 if self._stopping:
                     worst = max(worst, code if code >= 0 else 128 - code)
