@@ -10,7 +10,7 @@ request, metrics on, the default worker count), as ratios against baselines meas
 4. P3: the same load with 1,000,000 links in user_links (loaded with COPY) against 1,000.
 5. Peak RSS of the broker (all its processes) and of the bare server.
 6. Costs of options: PgBouncer, encryption at rest, tracing; the elevation mechanism (SECURITY DEFINER vs SET ROLE).
-Results go to stdout and bench/results/latest.json. BENCH_QUICK=1 runs only 1 and 2.
+Results go to stdout and bench/results/latest.json. BENCH_QUICK=1 runs 1 to 3 (results in quick.json).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from bench.load import (
     median,
     peak_rss_kib,
     postgres_pids,
+    pss_kib,
+    rss_each_kib,
     tree,
 )
 from broker.devdb import free_port
@@ -267,31 +269,32 @@ async def main() -> None:
             "bare_cpu_us_median": median([r["bare"]["cpu_us"] for r in rounds]),
             "postgres_cpu_us_median": median([r["broker"]["pg_cpu_us"] for r in rounds]),
         }
-        if not quick:
-            latency = {}
-            for name, profile in (("1", ONE), ("8", EIGHT)):
-                latency[name] = {
-                    "bare": h2load(echo_port, body, expected, profile),
-                    "broker": h2load(broker.port, body, expected_broker, profile),
-                }
-            latency["500"] = {
-                "bare": {k: median([r["bare"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
-                "broker": {k: median([r["broker"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
+        latency = {}
+        for name, profile in (("1", ONE), ("8", EIGHT)):
+            latency[name] = {
+                "bare": h2load(echo_port, body, expected, profile),
+                "broker": h2load(broker.port, body, expected_broker, profile),
             }
-            result["latency_by_in_flight"] = latency
-            half = median([r["broker"]["rps"] for r in rounds]) / 2
-            paced = Profile(int(half * 15), PRODUCTION.clients, PRODUCTION.streams, rate=half)
-            p5_bare = h2load(echo_port, body, expected, paced)
-            p5_broker = h2load(broker.port, body, expected_broker, paced)
-            result["p5_half_max_rate"] = {
-                "rate": round(half),
-                "bare": p5_bare,
-                "broker": p5_broker,
-                "p99_ratio": round(p5_broker["p99_ms"] / p5_bare["p99_ms"], 2),
-            }
+        latency["500"] = {
+            "bare": {k: median([r["bare"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
+            "broker": {k: median([r["broker"][k] for r in rounds]) for k in ("p50_ms", "p99_ms")},
+        }
+        result["latency_by_in_flight"] = latency
+        half = median([r["broker"]["rps"] for r in rounds]) / 2
+        paced = Profile(int(half * 15), PRODUCTION.clients, PRODUCTION.streams, rate=half)
+        p5_bare = h2load(echo_port, body, expected, paced)
+        p5_broker = h2load(broker.port, body, expected_broker, paced)
+        result["p5_half_max_rate"] = {
+            "rate": round(half),
+            "bare": p5_bare,
+            "broker": p5_broker,
+            "p99_ratio": round(p5_broker["p99_ms"] / p5_bare["p99_ms"], 2),
+        }
         result["memory"] = {
             "broker_peak_kib": peak_rss_kib(broker_pids()),
-            "workers": len(broker_pids()),
+            "broker_peak_kib_each": rss_each_kib(broker_pids()),
+            "broker_pss_kib": pss_kib(broker_pids()),
+            "processes": len(broker_pids()),
             "bare_peak_kib": peak_rss_kib(echo_pids()),
         }
         broker.stop()
@@ -394,9 +397,10 @@ def summary(r: dict[str, Any]) -> None:
     if "p3_one_million_links" in r:
         print(f"P3 throughput 1,000,000 links / 1,000: {r['p3_one_million_links']['ratio_1m_vs_1k']}")
     m = r["memory"]
+    each = ", ".join(f"{k / 1024:.1f}" for k in m["broker_peak_kib_each"])
     print(
-        f"peak RSS: broker {m['broker_peak_kib'] / 1024:.1f} MiB ({m['workers']} processes),"
-        f" bare {m['bare_peak_kib'] / 1024:.1f} MiB"
+        f"memory: broker peak RSS {m['broker_peak_kib'] / 1024:.1f} MiB summed over {m['processes']} processes"
+        f" ({each}), PSS {m['broker_pss_kib'] / 1024:.1f} MiB; bare server peak RSS {m['bare_peak_kib'] / 1024:.1f} MiB"
     )
     if "options" in r:
         o = r["options"]

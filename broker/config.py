@@ -108,13 +108,14 @@ class Settings:
     BROKER_TRUSTED_PROXY_ADDRESSES. With a mode on, every call needs an identity."""
     workers: int = 0
     """BROKER_WORKERS: processes serving the one port (SO_REUSEPORT), each with its own pool, under one supervisor;
-    `auto` or unset: the CPUs the container may use (its cgroup CPU quota, rounded up; else the CPU affinity)."""
+    `auto` or unset: the CPUs the container may use (its cgroup CPU quota, rounded up; else the CPU affinity), at
+    most 8."""
     event_loop: str = "uvloop"
     """BROKER_EVENT_LOOP: uvloop (the default; falls back to asyncio if it is not installed) or asyncio."""
     worker_index: int | None = None
-    """BROKER_WORKER_INDEX (set by the supervisor, not by operators): this process is worker N of BROKER_WORKERS."""
+    """Set by the supervisor, not by operators (BROKER_WORKER_INDEX): this process is worker N of BROKER_WORKERS."""
     workers_dir: Path | None = None
-    """BROKER_WORKERS_DIR (set by the supervisor): where the workers share readiness and metrics."""
+    """Set by the supervisor (BROKER_WORKERS_DIR): where the workers share readiness and metrics."""
     trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
@@ -260,24 +261,24 @@ def _read(r: EnvReader) -> Settings:
 def _workers(r: EnvReader) -> int:
     text = (r.raw("BROKER_WORKERS") or "auto").strip().lower()
     if text == "auto":
-        return cpu_limit()
+        return min(cpu_limit(), 8)
     return r.integer("BROKER_WORKERS", 1, 1, 64)
 
 
-def cpu_limit() -> int:
+def cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: the cgroup CPU quota rounded up (v2 cpu.max, v1 cfs quota), at most the CPU
     affinity; the affinity alone without a quota."""
     cpus = len(os.sched_getaffinity(0))
     quota: float | None = None
     try:
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
         if limit != "max":
             quota = int(limit) / int(period)
     except (OSError, ValueError):
         try:
-            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
             if q > 0:
-                quota = q / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+                quota = q / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
             pass
     if quota is not None:

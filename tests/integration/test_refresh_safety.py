@@ -282,11 +282,13 @@ async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(db: D
         )
 
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    inner = PostgresStore(pool)
     try:
-        store = RotatesAfterTheLock(PostgresStore(pool), rotate)
+        store = RotatesAfterTheLock(inner, rotate)
         async with running_broker(broker_env(db, idp), store=store) as b:
             r = await b.get(uid)
     finally:
+        await inner.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, issued.access_token)
 

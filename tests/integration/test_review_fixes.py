@@ -342,8 +342,9 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
 ) -> None:
     uid, old_refresh = await expired_user(db, endpoint)
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
     try:
-        failing = SavesFail(PostgresStore(pool))
+        failing = SavesFail(store)
         env = env_for(db, endpoint, BROKER_PERSIST_RETRY_SECONDS="1")
         async with running_broker(env, store=failing) as a, running_broker(env) as b:
             first = await a.get(uid)
@@ -358,6 +359,7 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
                 assert time.monotonic() < deadline, "the write-back never landed"
                 await asyncio.sleep(0.1)
     finally:
+        await store.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert endpoint.sent == [old_refresh]
 
@@ -369,8 +371,9 @@ async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Datab
     endpoint.expires_in = 2  # the rotated access token expires while it waits for its write-back
     uid, old_refresh = await expired_user(db, endpoint)
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
     try:
-        failing = SavesFail(PostgresStore(pool))
+        failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             first = await b.get(uid)
             assert first.status == pb.TOKEN_STATUS_REFRESHED
@@ -384,6 +387,7 @@ async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Datab
                 assert time.monotonic() < deadline, r
                 await asyncio.sleep(0.2)
     finally:
+        await store.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert endpoint.sent[0] == old_refresh
     assert old_refresh not in endpoint.sent[1:]  # the next refresh used the rotated token, once it was written
@@ -393,8 +397,9 @@ async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Datab
 async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, endpoint: TokenEndpoint) -> None:
     uid, _ = await expired_user(db, endpoint)
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
     try:
-        failing = SavesFail(PostgresStore(pool))
+        failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             held = await b.get(uid)
             assert held.status == pb.TOKEN_STATUS_REFRESHED
@@ -409,6 +414,7 @@ async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, e
             after = await b.get(uid)
             assert b.sample("token_broker_refresh_unpersisted") == 0
     finally:
+        await store.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert (after.status, after.access_token) == (pb.TOKEN_STATUS_VALID, access)
 
@@ -419,14 +425,16 @@ async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, e
 async def test_shutdown_writes_back_what_the_retry_loop_has_not_yet(db: Database, endpoint: TokenEndpoint) -> None:
     uid, _ = await expired_user(db, endpoint)
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
     try:
-        failing = SavesFail(PostgresStore(pool))
+        failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             r = await b.get(uid)
             await asyncio.sleep(3.5)  # the retry loop sleeps 2 s from about 3.2 s on: asleep until about 5.2 s
             failing.failing = False
         row = await db.link(uid)  # stopped: the drain's last attempt wrote it, not the sleeping loop
     finally:
+        await store.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert row is not None
     assert row["oauth_access_token"] == r.access_token

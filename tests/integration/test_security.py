@@ -266,8 +266,9 @@ async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> 
     env = broker_env(db, BROKER_CALLER_TOKENS_FILE=str(tokens_file), BROKER_MAX_CONCURRENT_PER_CALLER="2")
     gate = asyncio.Event()
     pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
     try:
-        async with running_broker(env, store=HeldReads(PostgresStore(pool), gate)) as b:
+        async with running_broker(env, store=HeldReads(store, gate)) as b:
             md = (("authorization", "Bearer worker-secret-token"),)
             req = pb.GetOIDCAccessTokenRequest(user_id=str(uid))
             held = [asyncio.ensure_future(b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)) for _ in range(2)]
@@ -280,6 +281,7 @@ async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> 
             gate.set()
             assert all(r.access_token == "mtls-token" for r in await asyncio.gather(*held, other))
     finally:
+        await store.close()  # its read connections go back first: the pool waits for them
         await pool.close()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 

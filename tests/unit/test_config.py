@@ -114,3 +114,33 @@ def test_plain_http_issuer_is_refused_elsewhere(issuer: str) -> None:
         Settings.from_env(
             {**BASE, "BROKER_OIDC_ISSUER": issuer, "BROKER_OIDC_CLIENT_ID": "c", "BROKER_OIDC_CLIENT_SECRET": "s"}
         )
+
+
+def test_workers_follow_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    import os
+
+    from broker.config import cpu_limit
+
+    cpus = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 workers (rounded up), never above the affinity
+    assert cpu_limit(v2) == min(2, cpus)
+    (v2 / "cpu.max").write_text("max 100000\n")  # no quota: the affinity
+    assert cpu_limit(v2) == cpus
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_limit(v1) == 1  # half a CPU: one worker
+    assert cpu_limit(tmp_path / "none") == cpus
+
+
+def test_workers_setting() -> None:
+    base = {"BROKER_DATABASE_URL": "postgresql://u@127.0.0.1/db"}
+    assert Settings.from_env({**base, "BROKER_WORKERS": "3"}).workers == 3
+    assert 1 <= Settings.from_env(base).workers <= 8  # auto
+    assert Settings.from_env({**base, "BROKER_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    for bad in ({"BROKER_WORKERS": "0"}, {"BROKER_WORKERS": "many"}, {"BROKER_EVENT_LOOP": "trio"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            Settings.from_env({**base, **bad})
