@@ -177,7 +177,7 @@ PROD_ENV = {"BROKER_LOG_LEVEL": "INFO", "BROKER_WORKERS": "auto"}  # production 
 
 
 def broker_process(db: Any, tmp: Path, name: str, **env: str) -> BrokerProcess:
-    return BrokerProcess(broker_env(db, **{**PROD_ENV, **env}), tmp / f"{name}.log", metrics=True)
+    return BrokerProcess(broker_env(db, None, **{**PROD_ENV, **env}), tmp / f"{name}.log", metrics=True)
 
 
 def per_request_us(seconds: float, requests: int) -> float:
@@ -249,10 +249,14 @@ async def main() -> None:
             )
         assert one.status == pb.TOKEN_STATUS_VALID
         expected_broker = len(frame(one.SerializeToString()))
-        broker_pids = lambda: tree(broker.proc.pid)  # noqa: E731 - the supervisor and its workers
-        echo_pids = lambda: [echo.pid]  # noqa: E731
 
-        rounds = []
+        def broker_pids() -> list[int]:
+            return tree(broker.proc.pid)  # the supervisor and its workers
+
+        def echo_pids() -> list[int]:
+            return [echo.pid]
+
+        rounds: list[dict[str, Any]] = []
         for _ in range(3):
             bare = measured(echo_port, body, expected, PRODUCTION, echo_pids)
             ours = measured(broker.port, body, expected_broker, PRODUCTION, broker_pids)

@@ -15,6 +15,7 @@ import grpc
 from broker.calls import CallRecord, Rejected, current_call
 from broker.logs import info_line
 from broker.metrics import Metrics
+from broker.model import TokenStatus
 from broker.ports import Gatekeeper
 from broker.tracing import NULL_TRACER, Tracer
 
@@ -51,6 +52,7 @@ class RpcEntry:
         self._tracer = tracer
         self._trace_user_id = trace_user_id
         self._metrics = metrics
+        self._by_status = {status: metrics.token_requests.labels(status=status.value) for status in TokenStatus}
         self._protected = protected_service
         self._gate = gatekeeper
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -189,7 +191,7 @@ class RpcEntry:
             return
         result = record.result
         if result is not None:
-            self._metrics.token_requests.labels(status=result.status.value).inc()
+            self._by_status[result.status].inc()
             if result.expiry is not None and result.access_token:
                 remaining = result.expiry.timestamp() - time.time()
                 self._metrics.token_remaining.observe(max(remaining, 0.0))

@@ -129,6 +129,11 @@ class Supervisor:
                 if self._stopping:
                     worst = max(worst, code if code >= 0 else 128 - code)
                     continue
+                if code == 2:  # a configuration error (printed by the worker): restarting cannot help
+                    log.error("worker refused its configuration; stopping", extra={"worker": worker.index})
+                    worst = 2
+                    self._on_signal(signal.SIGTERM, None)
+                    continue
                 ran = now - worker.started
                 worker.backoff = _BACKOFF_FIRST if ran >= _STABLE_AFTER else min(worker.backoff * 2, _BACKOFF_MAX)
                 worker.restart_at = now + (0.0 if ran >= _STABLE_AFTER else worker.backoff)

@@ -51,14 +51,16 @@ def new_connection(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def serving(target: str) -> bool:
+def serving(target: str) -> bool | None:
+    """The token service's readiness as the worker this new connection reached answers it; None when the call
+    failed (a connection queued on a worker that was just killed is reset)."""
     with new_connection(target) as ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service="broker.v1.TokenBroker"), timeout=2
             )
         except grpc.RpcError:
-            return False
+            return None
     return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
 
@@ -110,15 +112,19 @@ async def test_readiness_covers_every_worker_and_a_dead_worker_is_restarted(db: 
         first, second = workers_of(b)
         os.kill(second, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while serving(b.target) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        saw_unready = False
+        while not saw_unready and time.monotonic() < deadline:
+            saw_unready = serving(b.target) is False
+            await asyncio.sleep(0.02)
         # The worker left answers for both: the pod is not ready while one is gone...
-        assert not serving(b.target)
+        assert saw_unready
+        # ...and ready again once the supervisor restarted it (every probe, whichever worker it reaches).
         deadline = time.monotonic() + 20
-        while not serving(b.target) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        # ...and ready again once the supervisor restarted it.
-        assert serving(b.target)
+        streak = 0
+        while streak < 10 and time.monotonic() < deadline:
+            streak = streak + 1 if serving(b.target) else 0
+            await asyncio.sleep(0.05)
+        assert streak == 10
         now = workers_of(b)
         assert first in now
         assert second not in now
@@ -156,3 +162,26 @@ async def test_one_refresh_across_workers(db: Database, idp: OidcTestProvider, t
     assert len(tokens) == 1
     assert issued.access_token not in tokens
     assert audit_workers(b.log_path) == {0, 1}
+
+
+async def test_a_worker_that_refuses_its_configuration_stops_the_supervisor(db: Database, tmp_path: Path) -> None:
+    """A port held by another program: every worker exits 2 (configuration error); no restart loop."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.broker import ROOT
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        env = {**os.environ, **broker_env(db, BROKER_WORKERS="2")}
+        env["BROKER_HEALTH_LISTEN"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        r = subprocess.run(
+            [sys.executable, "-m", "broker", "serve"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        taken.close()
+    assert r.returncode == 2
+    assert "BROKER_HEALTH_LISTEN" in r.stderr + r.stdout
