@@ -128,6 +128,14 @@ class ReadLanes(Generic[C, K, V]):
             if not answer.done():
                 answer.set_result(values.get(key))
 
+    async def renew(self) -> None:
+        """Give back the idle lanes' connections (their next reads open fresh ones): after one died under a read,
+        its siblings likely did too (a failover, terminated backends)."""
+        held = [c for c in self._free if c is not None]
+        self._free = [None] * len(self._free)
+        for conn in held:
+            await self._source.give_back(conn, False)
+
     async def close(self) -> None:
         """Let the batches in flight finish, then give every held connection back."""
         self._closed = True

@@ -203,11 +203,13 @@ class PostgresStore:
             if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
                 raise _translate(exc, "reading the link") from None
             log.info("connection died while reading the link (%s); trying once more", type(exc).__name__)
-            await self._pool.expire_connections()  # a failover or terminated backends: replace the pooled ones
-            try:
-                row = await self._reads.get(user_id, deadline - time.monotonic())
-            except _DB_ERRORS as again:
-                raise _translate(again, "reading the link") from None
+            # A failover or terminated backends: the siblings are likely dead too. Idle read connections and pooled
+            # ones are replaced; the retry runs on a fresh connection from the pool.
+            await self._reads.renew()
+            await self._pool.expire_connections()
+            row = await self.run(
+                deadline - time.monotonic(), "reading the link", lambda c: c.fetchrow(GET_LINK, user_id)
+            )
         except _DB_ERRORS as exc:
             raise _translate(exc, "reading the link") from None
         return self.codec.link(user_id, row)

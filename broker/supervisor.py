@@ -127,7 +127,9 @@ class Supervisor:
                 _mark_dead(shared / "metrics", proc.pid)
                 worker.proc = None
                 if self._stopping:
-                    worst = max(worst, code if code >= 0 else 128 - code)
+                    # Ended by the SIGTERM we forwarded before it installed its handler (still starting): a stop.
+                    stopped = 0 if code == -signal.SIGTERM else code
+                    worst = max(worst, stopped if stopped >= 0 else 128 - stopped)
                     continue
                 if code == 2:  # a configuration error (printed by the worker): restarting cannot help
                     log.error("worker refused its configuration; stopping", extra={"worker": worker.index})

@@ -163,3 +163,15 @@ async def test_a_cancelled_reader_terminates_its_connection() -> None:
     db.gate = None
     assert await reads.get("a", 1) is None
     await reads.close()
+
+
+async def test_renew_gives_back_idle_connections_and_reads_open_fresh_ones() -> None:
+    source, db = Source(), Db()
+    reads = lanes(source, db, n=2)
+    await asyncio.gather(reads.get("a", 1), reads.get("b", 1))  # both lanes open a connection
+    opened = source.opened
+    await reads.renew()
+    assert sorted(source.returned) == [(n, False) for n in range(1, opened + 1)]
+    assert await reads.get("a", 1) is None
+    assert source.opened == opened + 1
+    await reads.close()
