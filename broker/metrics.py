@@ -119,7 +119,7 @@ class Metrics:
         )
         self.db_pool_in_use = Gauge(
             "token_broker_db_pool_connections_in_use",
-            "Pool connections in use.",
+            "Pool connections in use (up to two per worker are held for valid-token reads).",
             registry=registry,
             multiprocess_mode="livesum",
         )
