@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -130,8 +131,8 @@ class App:
         )
         self._stack.push_async_callback(_cancel, readiness)
         if self.settings.workers_dir is not None:
-            sampling = asyncio.create_task(self._sample_metrics(), name="metrics-sampling")
-            self._stack.push_async_callback(_cancel, sampling)
+            duties = asyncio.create_task(self._worker_duties(os.getppid()), name="worker-duties")
+            self._stack.push_async_callback(_cancel, duties)
         log.info(
             "token-broker serving",
             extra={
@@ -149,9 +150,15 @@ class App:
             return None
         return WorkerReadiness(s.workers_dir, s.worker_index, s.workers, stale_after=3 * s.health_interval + 2)
 
-    async def _sample_metrics(self) -> None:
+    async def _worker_duties(self, supervisor: int) -> None:
+        """Every second: the computed gauges for the shared metrics; and if the supervisor is gone (killed), this
+        worker stops as on SIGTERM rather than serve on as an orphan."""
         while True:
             self.metrics.sample()
+            if os.getppid() != supervisor:
+                log.error("the supervisor is gone; stopping", extra={"worker": self.settings.worker_index})
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             await asyncio.sleep(1.0)
 
     async def _open_store(self) -> LinkStore:

@@ -185,3 +185,16 @@ async def test_a_worker_that_refuses_its_configuration_stops_the_supervisor(db: 
         taken.close()
     assert r.returncode == 2
     assert "BROKER_HEALTH_LISTEN" in r.stderr + r.stdout
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(db: Database, tmp_path: Path) -> None:
+    b = BrokerProcess(broker_env(db, BROKER_WORKERS="2"), tmp_path / "b.log")
+    workers = workers_of(b)
+    os.kill(b.proc.pid, signal.SIGKILL)  # the supervisor alone (an OOM kill, say)
+    b.proc.wait()
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)  # no orphan keeps serving the port
+    assert "the supervisor is gone" in b.log_path.read_text()
+    b.stop()
