@@ -138,31 +138,28 @@ class CpuMeter:
         return sum(t - self._start.get(pid, 0) for pid, t in end.items()) / _TICK
 
 
-def peak_rss_kib(pids: list[int]) -> int:
-    """Sum of the processes' peak resident set (VmHWM)."""
+def _kib(pids: list[int], name: str, field: str) -> int:
+    """Sum over the processes of one `field:` line (in kB) of /proc/<pid>/<name>; gone processes count 0."""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def peak_rss_kib(pids: list[int]) -> int:
+    """Sum of the processes' peak resident set (VmHWM)."""
+    return _kib(pids, "status", "VmHWM:")
 
 
 def pss_kib(pids: list[int]) -> int:
     """Sum of the processes' proportional set size: shared pages counted once in all (what the pod's memory
     cgroup is charged, where RSS counts a shared page in every process)."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return _kib(pids, "smaps_rollup", "Pss:")
 
 
 def rss_each_kib(pids: list[int]) -> list[int]:

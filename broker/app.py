@@ -23,7 +23,6 @@ from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.dbcrypt import Cipher, parse_keys
-from broker.errors import ConfigError
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
@@ -94,8 +93,8 @@ class App:
         idp: IdentityProvider | None = None,
         tracer: Tracer | None = None,
     ) -> None:
-        if settings.database_url is None and store is None:
-            raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
+        if store is None:
+            settings.require_database()
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, multiprocess=settings.workers_dir is not None)

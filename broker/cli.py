@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from broker import __version__, logs
 from broker.config import DevSettings, Settings, client_target, process_environment
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError
 
 log = logging.getLogger("broker.cli")
 
@@ -85,9 +85,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if settings.worker_index is None and settings.workers > 1:
             from broker.supervisor import supervise
 
-            if settings.database_url is None:  # what a worker would refuse, refused before any starts
-                raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
-
+            settings.require_database()  # what a worker would refuse, refused before any starts
             return supervise(settings, env)
         from broker.app import serve
 

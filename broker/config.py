@@ -143,6 +143,11 @@ class Settings:
         host = self.listen.rsplit(":", 1)[0].strip("[]")
         return is_loopback_host(host)
 
+    def require_database(self) -> None:
+        """What `serve` needs beyond the settings' own checks (migrate and the client commands do not)."""
+        if self.database_url is None:
+            raise ConfigError("invalid configuration:\n  BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: required")
+
     @property
     def authenticates_callers(self) -> bool:
         """TLS client certificates or caller tokens: what makes a non-loopback bind acceptable."""

@@ -11,11 +11,12 @@ from contextlib import AsyncExitStack
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.interceptors import RpcEntry
+from broker.metrics import serve_metrics
 from broker.peers import WorkerReadiness
 from broker.ports import LinkStore
 from broker.service import SERVICE_NAME, TokenBrokerServicer
@@ -93,16 +94,9 @@ async def start_health_port(listen: str, health_servicer: health.aio.HealthServi
 
 def start_metrics(listen: str, registry: CollectorRegistry, stack: AsyncExitStack) -> int:
     """Prometheus /metrics over HTTP on its own thread; stopped with the stack."""
-    host, _, port = listen.rpartition(":")
-    httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
+    port, stop = serve_metrics(listen, registry)
     stack.callback(stop)
-    return int(httpd.server_port)
+    return port
 
 
 async def watch_database(

@@ -16,12 +16,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    start_http_server,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from broker import __version__
+from broker.errors import ConfigError
 from broker.model import TokenStatus
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -182,3 +184,19 @@ class Metrics:
 
     def forced_refresh(self, result: str) -> None:
         self.forced_refreshes.labels(result=result).inc()
+
+
+def serve_metrics(listen: str, registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:
+    """Prometheus /metrics over HTTP on its own thread: the bound port, and the function that stops it."""
+    host, _, port = listen.rpartition(":")
+    try:
+        httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"BROKER_METRICS_LISTEN: cannot bind {listen}: {exc}") from None
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    return int(httpd.server_port), stop

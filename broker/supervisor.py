@@ -168,23 +168,14 @@ class Supervisor:
         return f"{host}:{sock.getsockname()[1]}"
 
     def _serve_metrics(self, directory: Path) -> Callable[[], None]:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
+
+        from broker.metrics import serve_metrics
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]  # untyped
-        host, _, port = self._settings.metrics_listen.rpartition(":")
-        try:
-            httpd, thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-        except OSError as exc:
-            raise ConfigError(f"BROKER_METRICS_LISTEN: cannot bind {self._settings.metrics_listen}: {exc}") from None
-
-        def stop() -> None:
-            httpd.shutdown()
-            httpd.server_close()
-            thread.join(timeout=5)
-
-        return stop
+        return serve_metrics(self._settings.metrics_listen, registry)[1]
 
 
 def _mark_dead(directory: Path, pid: int) -> None:

@@ -21,7 +21,7 @@ import pytest
 from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
+from tests.support.broker import BrokerProcess, broker_env, postgres_store, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -281,15 +281,10 @@ async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(db: D
             issued.refresh_token,
         )
 
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    inner = PostgresStore(pool)
-    try:
+    async with postgres_store(db) as inner:
         store = RotatesAfterTheLock(inner, rotate)
         async with running_broker(broker_env(db, idp), store=store) as b:
             r = await b.get(uid)
-    finally:
-        await inner.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, issued.access_token)
 
 

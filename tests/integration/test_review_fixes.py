@@ -17,7 +17,7 @@ import pytest
 from broker.errors import StoreUnavailable
 from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
-from tests.support.broker import broker_env, running_broker
+from tests.support.broker import broker_env, postgres_store, running_broker
 from tests.support.pg import SERVICE_ROLE, Database
 from tests.support.proxy import proxied
 from tests.support.token_endpoint import Scripted, TokenEndpoint
@@ -341,9 +341,7 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
     db: Database, endpoint: TokenEndpoint
 ) -> None:
     uid, old_refresh = await expired_user(db, endpoint)
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    store = PostgresStore(pool)
-    try:
+    async with postgres_store(db) as store:
         failing = SavesFail(store)
         env = env_for(db, endpoint, BROKER_PERSIST_RETRY_SECONDS="1")
         async with running_broker(env, store=failing) as a, running_broker(env) as b:
@@ -358,9 +356,6 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
             while (await b.get(uid)).access_token != first.access_token:
                 assert time.monotonic() < deadline, "the write-back never landed"
                 await asyncio.sleep(0.1)
-    finally:
-        await store.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
     assert endpoint.sent == [old_refresh]
 
 
@@ -370,9 +365,7 @@ async def test_no_replica_sends_the_consumed_token_while_a_live_holder_has_the_r
 async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Database, endpoint: TokenEndpoint) -> None:
     endpoint.expires_in = 2  # the rotated access token expires while it waits for its write-back
     uid, old_refresh = await expired_user(db, endpoint)
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    store = PostgresStore(pool)
-    try:
+    async with postgres_store(db) as store:
         failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             first = await b.get(uid)
@@ -386,9 +379,6 @@ async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Datab
             while (r := await b.get(uid)).status != pb.TOKEN_STATUS_REFRESHED or r.access_token == first.access_token:
                 assert time.monotonic() < deadline, r
                 await asyncio.sleep(0.2)
-    finally:
-        await store.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
     assert endpoint.sent[0] == old_refresh
     assert old_refresh not in endpoint.sent[1:]  # the next refresh used the rotated token, once it was written
     assert endpoint.reused == 0
@@ -396,9 +386,7 @@ async def test_expired_unwritten_tokens_are_written_before_any_refresh(db: Datab
 
 async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, endpoint: TokenEndpoint) -> None:
     uid, _ = await expired_user(db, endpoint)
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    store = PostgresStore(pool)
-    try:
+    async with postgres_store(db) as store:
         failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             held = await b.get(uid)
@@ -413,9 +401,6 @@ async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, e
             )
             after = await b.get(uid)
             assert b.sample("token_broker_refresh_unpersisted") == 0
-    finally:
-        await store.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
     assert (after.status, after.access_token) == (pb.TOKEN_STATUS_VALID, access)
 
 
@@ -424,17 +409,12 @@ async def test_unwritten_tokens_are_not_served_after_a_new_login(db: Database, e
 
 async def test_shutdown_writes_back_what_the_retry_loop_has_not_yet(db: Database, endpoint: TokenEndpoint) -> None:
     uid, _ = await expired_user(db, endpoint)
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    store = PostgresStore(pool)
-    try:
+    async with postgres_store(db) as store:
         failing = SavesFail(store)
         async with running_broker(env_for(db, endpoint), store=failing) as b:
             r = await b.get(uid)
             await asyncio.sleep(3.5)  # the retry loop sleeps 2 s from about 3.2 s on: asleep until about 5.2 s
             failing.failing = False
         row = await db.link(uid)  # stopped: the drain's last attempt wrote it, not the sleeping loop
-    finally:
-        await store.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
     assert row is not None
     assert row["oauth_access_token"] == r.access_token

@@ -23,7 +23,7 @@ from broker.model import Link
 from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import broker_env, call_broker, running_broker
+from tests.support.broker import broker_env, call_broker, postgres_store, running_broker
 from tests.support.certs import CertificateAuthority
 from tests.support.pg import Database
 
@@ -265,24 +265,18 @@ async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> 
     uid = await _seed(db)
     env = broker_env(db, BROKER_CALLER_TOKENS_FILE=str(tokens_file), BROKER_MAX_CONCURRENT_PER_CALLER="2")
     gate = asyncio.Event()
-    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
-    store = PostgresStore(pool)
-    try:
-        async with running_broker(env, store=HeldReads(store, gate)) as b:
-            md = (("authorization", "Bearer worker-secret-token"),)
-            req = pb.GetOIDCAccessTokenRequest(user_id=str(uid))
-            held = [asyncio.ensure_future(b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)) for _ in range(2)]
-            await asyncio.sleep(0.2)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)
-            other = asyncio.ensure_future(
-                b.stub.GetOIDCAccessToken(req, timeout=5, metadata=(("authorization", "Bearer billing-token"),))
-            )
-            gate.set()
-            assert all(r.access_token == "mtls-token" for r in await asyncio.gather(*held, other))
-    finally:
-        await store.close()  # its read connections go back first: the pool waits for them
-        await pool.close()
+    async with postgres_store(db) as store, running_broker(env, store=HeldReads(store, gate)) as b:
+        md = (("authorization", "Bearer worker-secret-token"),)
+        req = pb.GetOIDCAccessTokenRequest(user_id=str(uid))
+        held = [asyncio.ensure_future(b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await b.stub.GetOIDCAccessToken(req, timeout=5, metadata=md)
+        other = asyncio.ensure_future(
+            b.stub.GetOIDCAccessToken(req, timeout=5, metadata=(("authorization", "Bearer billing-token"),))
+        )
+        gate.set()
+        assert all(r.access_token == "mtls-token" for r in await asyncio.gather(*held, other))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -22,6 +22,7 @@ from broker.config import Settings
 from broker.devdb import free_port
 from broker.idp import OidcRefresher
 from broker.ports import IdentityProvider, LinkStore
+from broker.store import PostgresStore
 from broker.tracing import Tracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
@@ -118,6 +119,19 @@ async def running_broker(
     finally:
         await channel.close()
         await app.stop()
+
+
+@asynccontextmanager
+async def postgres_store(db: Database) -> AsyncIterator[PostgresStore]:
+    """A PostgresStore of the test's own (to wrap with a fault); its read connections go back before its pool
+    closes, which waits for them."""
+    pool = await PostgresStore.create_pool(db.service_url, min_size=1, max_size=4, connect_timeout=5)
+    store = PostgresStore(pool)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await pool.close()
 
 
 class BrokerProcess:
