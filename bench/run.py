@@ -46,7 +46,7 @@ from bench.load import (
     rss_each_kib,
     tree,
 )
-from broker.devdb import free_port
+from broker.postgres.embedded import free_port
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import ROOT, BrokerProcess, broker_env
@@ -99,7 +99,7 @@ async def encrypted_valid_token(factory: DatabaseFactory, tmp: Path, body: Path)
     import base64
     import os
 
-    from broker.dbcrypt import Cipher, key_digest
+    from broker.postgres.dbcrypt import Cipher, key_digest
 
     db = await factory.create("product")
     key = os.urandom(32)

@@ -12,45 +12,58 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
-from broker import __version__, listeners
-from broker.auth import CallerGate, CallerTokens, load_caller_tokens
-from broker.circuit import CircuitBreaker
+from broker import __version__
 from broker.config import Settings
-from broker.dbcrypt import Cipher, parse_keys
+from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
+from broker.core.interfaces import Gatekeeper, IdentityProvider, LinkStore
 from broker.idp import OidcRefresher
-from broker.interceptors import RpcEntry
-from broker.mesh import MeshIdentity
-from broker.metrics import Metrics
-from broker.peers import WorkerReadiness
-from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
-from broker.refresh import Refresher, RefreshSettings
-from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
-from broker.refresh.liveness import Liveness
-from broker.refresh.parts import RefreshParts
-from broker.refresh.rejections import RejectedTokens
-from broker.refresh.writeback import WriteBack
-from broker.service import SERVICE_NAME, TokenBrokerServicer
-from broker.store import PostgresStore
-from broker.tls import ReloadingCertificates
-from broker.tokens import TokenService
-from broker.tracing import NULL_TRACER, OtelTracer, Tracer, sdk_provider
+from broker.postgres import Cipher, PostgresStore, parse_keys
+from broker.server import (
+    SERVICE_NAME,
+    CallerGate,
+    CallerTokens,
+    MeshIdentity,
+    ReloadingCertificates,
+    RpcEntry,
+    TokenBrokerServicer,
+    listen,
+    load_caller_tokens,
+)
+from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
+from broker.telemetry.metrics import Metrics
+from broker.workers import WorkerReadiness
 
 log = logging.getLogger("broker.app")
 
 
 @dataclass(frozen=True)
 class Service:
-    """The token service and what the lifecycle needs of it, wired with no I/O."""
+    """The servicer and the domain behind it, wired with no I/O."""
 
     servicer: TokenBrokerServicer
-    refresher: Refresher
-    writeback: WriteBack
+    domain: Domain
+
+
+def refresh_settings(s: Settings) -> RefreshSettings:
+    """The refresh core's settings, derived from the broker's (the domain never imports the configuration)."""
+    return RefreshSettings(
+        leeway=timedelta(seconds=s.refresh_leeway),
+        refresh_ahead=timedelta(seconds=s.refresh_ahead),
+        lock_timeout=s.refresh_lock_timeout,
+        idp_timeout=s.oidc_timeout,
+        reauth_backoff=s.reauth_backoff,
+        forced_interval=s.forced_refresh_interval,
+        persist_warn_after=s.persist_retry_seconds,
+        store_timeout=s.request_timeout,
+        max_concurrent=max(1, s.db_pool_max // 2),
+    )
 
 
 def build_service(
@@ -60,22 +73,11 @@ def build_service(
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
 ) -> Service:
-    """Wire the refresh core and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
-    rs = RefreshSettings.from_settings(settings)
-    circuit = CircuitBreaker(
-        settings.circuit_failures, settings.circuit_open_seconds, on_change=lambda st: metrics.circuit_state(int(st))
-    )
-    guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, circuit, metrics)
-    liveness = Liveness(store, rs.heartbeat_interval)
-    writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
-    refresher = Refresher(
-        RefreshParts(
-            store, guarded, rs, writeback, liveness, RejectedTokens(rs.reauth_backoff), observer=metrics, tracer=tracer
-        )
-    )
-    metrics.bind_unpersisted(lambda: len(writeback))
-    tokens = TokenService(store, refresher, writeback, rs, observer=metrics, tracer=tracer)
-    return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback)
+    """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
+    circuit = CircuitSettings(settings.circuit_failures, settings.circuit_open_seconds)
+    domain = build_domain(refresh_settings(settings), circuit, store, idp, metrics, tracer)
+    metrics.bind_unpersisted(domain.unpersisted)
+    return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout), domain)
 
 
 class App:
@@ -116,16 +118,16 @@ class App:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        await self._health.set("", listeners.SERVING)
-        await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
+        await self._health.set("", listen.SERVING)
+        await self._health.set(SERVICE_NAME, listen.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         store = await self._open_store()
         service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
-        self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
+        self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
         readiness = asyncio.create_task(
-            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
+            listen.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
             name="readiness",
         )
         self._stack.push_async_callback(_cancel, readiness)
@@ -224,16 +226,16 @@ class App:
 
             server_spans = aio_server_interceptor(tracer_provider=self.tracer.provider)  # type: ignore[no-untyped-call]  # untyped package
             interceptors.append(server_spans)
-        return listeners.build_server(self.settings, interceptors, self._entry, service.servicer, self._health)
+        return listen.build_server(self.settings, interceptors, self._entry, service.servicer, self._health)
 
     async def _start_listeners(self, server: grpc.aio.Server) -> None:
         s = self.settings
-        self.port, self.certificates = listeners.bind(server, s)
+        self.port, self.certificates = listen.bind(server, s)
         await server.start()
         if s.health_listen:
-            self.health_port = await listeners.start_health_port(s.health_listen, self._health, self._stack)
+            self.health_port = await listen.start_health_port(s.health_listen, self._health, self._stack)
         if s.metrics_listen:
-            self.metrics_port = listeners.start_metrics(s.metrics_listen, self.registry, self._stack)
+            self.metrics_port = listen.start_metrics(s.metrics_listen, self.registry, self._stack)
 
     async def stop(self, *, stop_server: bool = True) -> None:
         """Health NOT_SERVING; the optional drain delay (still serving, while load balancers notice); then every new

@@ -11,9 +11,10 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from broker import __version__, logs
+from broker import __version__
 from broker.config import DevSettings, Settings, client_target, process_environment
 from broker.errors import BrokerError
+from broker.telemetry import logs
 
 log = logging.getLogger("broker.cli")
 
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "dev":
             return _dev(env)
         if settings.worker_index is None and settings.workers > 1:
-            from broker.supervisor import supervise
+            from broker.workers.supervisor import supervise
 
             settings.require_database()  # what a worker would refuse, refused before any starts
             return supervise(settings, env)
@@ -130,7 +131,7 @@ def _password(dsn: str) -> str | None:
 
 async def _migrate(settings: Settings) -> int:
     from broker.errors import ConfigError
-    from broker.migrate import migrate
+    from broker.postgres.migrate import migrate
 
     if settings.migrate_database_url is None:
         raise ConfigError("invalid configuration:\n  BROKER_MIGRATE_DATABASE_URL or BROKER_DATABASE_URL: required")
@@ -179,12 +180,12 @@ def _health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _dev(env: dict[str, str]) -> int:
     """Embedded PostgreSQL when no database is configured; then migrate and serve in this process."""
     from broker.app import serve
-    from broker.migrate import migrate
+    from broker.postgres.migrate import migrate
 
     pg = None
     dev = DevSettings.from_env(env)
     if not dev.database_configured:
-        from broker.devdb import EmbeddedPostgres
+        from broker.postgres.embedded import EmbeddedPostgres
 
         pg = EmbeddedPostgres(dev.data_dir / "postgres", port=dev.port).start()
         env["BROKER_MIGRATE_DATABASE_URL"] = pg.url()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from broker.envreader import EnvReader
 from broker.errors import ConfigError
 from broker.model import Secret
-from broker.tracing import wanted as tracing_wanted
+from broker.telemetry.tracing import wanted as tracing_wanted
 from broker.urls import check_url, is_loopback_host
 
 #: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
@@ -322,7 +322,7 @@ def _proxy_addresses(r: EnvReader) -> tuple[str, ...]:
 def _keys(r: EnvReader) -> Secret | None:
     keys = r.secret("BROKER_ENCRYPTION_KEYS")
     if keys is not None:
-        from broker.dbcrypt import parse_keys  # only when configured: it loads `cryptography`
+        from broker.postgres.dbcrypt import parse_keys  # only when configured: it loads `cryptography`
 
         try:
             parse_keys(keys.reveal())

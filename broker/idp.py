@@ -30,10 +30,10 @@ from authlib.common.urls import url_decode
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oauth2.client import DEFAULT_HEADERS
 
+from broker.core.policy import expiry_from_response
 from broker.errors import ConfigError, IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import RefreshedTokens, Secret
-from broker.policy import expiry_from_response
-from broker.tracing import NULL_TRACER, Tracer
+from broker.telemetry.tracing import NULL_TRACER, Tracer
 from broker.urls import check_url
 
 log = logging.getLogger("broker.idp")

@@ -111,3 +111,12 @@ class TokenResult:
     @staticmethod
     def empty(status: TokenStatus) -> TokenResult:
         return TokenResult(status)
+
+
+@dataclass(frozen=True)
+class DbKey:
+    """A row of the product's dbcrypt_keys, as the broker reads it."""
+
+    active_digest: str | None
+    revoked_digest: str | None
+    test: str

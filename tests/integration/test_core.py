@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
-from broker.devdb import free_port
+from broker.postgres.embedded import free_port
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from broker.migrate import migrate
+from broker.postgres.migrate import migrate
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, running_broker
 from tests.support.idp import OidcTestProvider

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.app import App
 from broker.config import Settings
-from broker.dbcrypt import KeysRejected, key_digest
 from broker.errors import ConfigError
+from broker.postgres.dbcrypt import KeysRejected, key_digest
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, running_broker
 from tests.support.idp import OidcTestProvider

@@ -14,7 +14,7 @@ import httpx2
 import yaml
 from prometheus_client import CollectorRegistry
 
-from broker.metrics import Metrics
+from broker.telemetry.metrics import Metrics
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import ROOT, BrokerProcess, broker_env, running_broker

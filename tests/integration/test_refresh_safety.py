@@ -18,7 +18,7 @@ import asyncpg
 import grpc
 import pytest
 
-from broker.store import PostgresStore
+from broker.postgres.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, postgres_store, running_broker, warm_discovery
@@ -395,7 +395,7 @@ async def test_replica_waiting_on_the_lock_does_not_resend_a_token_whose_holder_
 
 
 async def test_migrate_upgrades_the_lock_function_of_an_older_install(db: Database) -> None:
-    from broker.migrate import migrate
+    from broker.postgres.migrate import migrate
     from tests.support.pg import SERVICE_ROLE
 
     await db.execute("""

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from broker.errors import StoreUnavailable
-from broker.store import PostgresStore
+from broker.postgres.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import broker_env, postgres_store, running_broker
 from tests.support.pg import SERVICE_ROLE, Database

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from broker.errors import MigrationRefused
-from broker.migrate import migrate
+from broker.postgres.migrate import migrate
 from tests.support.pg import SERVICE_ROLE, Database
 
 PLANT = """

@@ -20,7 +20,7 @@ from broker.app import App
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.model import Link
-from broker.store import PostgresStore
+from broker.postgres.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import broker_env, call_broker, postgres_store, running_broker

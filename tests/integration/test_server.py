@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker.tokens import TokenService
+from broker.core.tokens import TokenService
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import ROOT, BrokerProcess, broker_env, running_broker
@@ -192,8 +192,8 @@ def test_python_dash_m_and_console_script_are_the_same_cli() -> None:
 
 async def test_embedded_postgres_smoke(tmp_path: Path) -> None:
     """The no-server path: an embedded PostgreSQL, migrated, serving a token through gRPC."""
-    from broker.devdb import EmbeddedPostgres
-    from broker.migrate import migrate
+    from broker.postgres.embedded import EmbeddedPostgres
+    from broker.postgres.migrate import migrate
     from tests.support.pg import Database as Db
 
     pg = EmbeddedPostgres(tmp_path / "pg").start()

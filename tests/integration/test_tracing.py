@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from broker.client import TokenBrokerClient
 from broker.config import Settings
-from broker.logs import JsonFormatter
-from broker.tracing import OtelTracer
+from broker.telemetry.logs import JsonFormatter
+from broker.telemetry.tracing import OtelTracer
 from tests.support.broker import broker_env, running_broker
 from tests.support.pg import Database
 from tests.support.token_endpoint import TokenEndpoint

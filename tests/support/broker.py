@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.app import App
 from broker.config import Settings
-from broker.devdb import free_port
+from broker.core.interfaces import IdentityProvider, LinkStore
 from broker.idp import OidcRefresher
-from broker.ports import IdentityProvider, LinkStore
-from broker.store import PostgresStore
-from broker.tracing import Tracer
+from broker.postgres.embedded import free_port
+from broker.postgres.store import PostgresStore
+from broker.telemetry.tracing import Tracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.idp import CLIENT_ID, CLIENT_SECRET, OidcTestProvider

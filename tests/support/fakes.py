@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from broker.dbcrypt import DbKey
 from broker.errors import StoreUnavailable
-from broker.model import Link, RefreshedTokens, Secret
+from broker.model import DbKey, Link, RefreshedTokens, Secret
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from broker.devdb import EmbeddedPostgres
-from broker.migrate import migrate
+from broker.postgres.embedded import EmbeddedPostgres
+from broker.postgres.migrate import migrate
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SERVICE_ROLE = "token_broker"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from broker.devdb import free_port
+from broker.postgres.embedded import free_port
 from tests.support.processes import terminate
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.circuit import CircuitBreaker, CircuitState
+from broker.core.circuit import CircuitBreaker, CircuitState
 from broker.errors import IdpUnavailable
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.dbcrypt import Cipher, DbKey, DecryptFailed, KeysRejected, key_digest, parse_keys
+from broker.model import DbKey
+from broker.postgres.dbcrypt import Cipher, DecryptFailed, KeysRejected, key_digest, parse_keys
 
 VECTORS = json.loads((Path(__file__).parents[1] / "fixtures" / "dbcrypt" / "vectors.json").read_text())
 

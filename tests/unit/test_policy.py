@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from broker.core.policy import Decision, decide, expiry_from_response, is_expired, needs_refresh
 from broker.model import Link, Secret
-from broker.policy import ZERO_TIME, Decision, decide, expiry_from_response, is_expired, needs_refresh, normalise_expiry
+from broker.postgres.codec import ZERO_TIME, normalise_expiry
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 LEEWAY = timedelta(seconds=600)

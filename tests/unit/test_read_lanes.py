@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import pytest
 
 from broker.errors import StoreUnavailable
-from broker.reads import ReadLanes
+from broker.postgres.lanes import ReadLanes
 
 
 class Conn:

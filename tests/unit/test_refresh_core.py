@@ -11,17 +11,17 @@ from datetime import timedelta
 
 import pytest
 
-from broker.circuit import CircuitBreaker
+from broker.core.circuit import CircuitBreaker
+from broker.core.interfaces import GuardedIdp, NullObserver
+from broker.core.refresh import Refresher, RefreshSettings
+from broker.core.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
+from broker.core.refresh.liveness import Liveness
+from broker.core.refresh.parts import RefreshParts
+from broker.core.refresh.rejections import RejectedTokens
+from broker.core.refresh.writeback import Pending, WriteBack
+from broker.core.tokens import TokenService
 from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import Secret, TokenResult, TokenStatus
-from broker.ports import GuardedIdp, NullObserver
-from broker.refresh import Refresher, RefreshSettings
-from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
-from broker.refresh.liveness import Liveness
-from broker.refresh.parts import RefreshParts
-from broker.refresh.rejections import RejectedTokens
-from broker.refresh.writeback import Pending, WriteBack
-from broker.tokens import TokenService
 from tests.support.fakes import Answer, FakeClock, FakeStore, ScriptedIdp, link, tokens
 
 SETTINGS = RefreshSettings(

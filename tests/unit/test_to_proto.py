@@ -8,7 +8,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.model import Secret, TokenResult, TokenStatus
-from broker.service import to_proto
+from broker.server.service import to_proto
 
 
 @pytest.mark.parametrize(

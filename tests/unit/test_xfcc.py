@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.mesh import MalformedHeader, MeshIdentity, parse_xfcc, peer_host, xfcc_identities
+from broker.server.mesh import MalformedHeader, MeshIdentity, parse_xfcc, peer_host, xfcc_identities
 
 ISTIO = (
     'By=spiffe://cluster.local/ns/auth/sa/token-broker;Hash=4a1b;Subject="";'

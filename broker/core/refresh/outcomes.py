@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from broker.core.policy import is_expired
 from broker.errors import (
     BrokerError,
     IdpNotConfigured,
@@ -14,7 +15,6 @@ from broker.errors import (
     StoreUnavailable,
 )
 from broker.model import Link, RefreshedTokens, TokenResult, TokenStatus
-from broker.policy import is_expired
 
 #: What a failed refresh answers (with the stored token instead, while it has not expired). Looked up along the
 #: exception's class hierarchy, so IdpOutcomeUnknown answers as IdpUnavailable.

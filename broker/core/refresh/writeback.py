@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
+from broker.core.interfaces import LinkStore, RefreshObserver
+from broker.core.refresh.liveness import Liveness
 from broker.errors import StoreUnavailable
-from broker.logs import UserLog
 from broker.model import Link, RefreshedTokens, Secret, TokenResult, TokenStatus, utcnow
-from broker.ports import LinkStore, RefreshObserver
-from broker.refresh.liveness import Liveness
+from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.refresh")
 

@@ -10,7 +10,7 @@
 - what a failure answers, in one table: outcomes.FAILURE_STATUS.
 """
 
-from broker.refresh.refresher import Refresher
-from broker.refresh.settings import RefreshSettings
+from broker.core.refresh.refresher import Refresher
+from broker.core.refresh.settings import RefreshSettings
 
 __all__ = ["RefreshSettings", "Refresher"]

@@ -1,4 +1,5 @@
-"""`token-broker migrate`: applies the versioned SQL files in broker/migrations once each, then the repeatable ones.
+"""`token-broker migrate`: applies the versioned SQL files in broker/postgres/migrations once each, then the
+repeatable ones.
 
 Safe to run from several pods at once: everything happens in one transaction under an advisory lock. On the
 product's own database it only adds what the broker owns (schema token_broker, roles, grants, functions).
@@ -45,7 +46,7 @@ class MigrationReport:
 def _files() -> tuple[list[tuple[int, str, str]], list[tuple[str, str]]]:
     versioned: list[tuple[int, str, str]] = []
     repeatable: list[tuple[str, str]] = []
-    for entry in resources.files("broker.migrations").iterdir():
+    for entry in resources.files("broker.postgres.migrations").iterdir():
         if not entry.name.endswith(".sql"):
             continue
         m = _VERSIONED.match(entry.name)

@@ -7,9 +7,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 from uuid import UUID
 
-from broker.dbcrypt import DbKey
 from broker.errors import BrokerError
-from broker.model import Link, RefreshedTokens, Secret
+from broker.model import DbKey, Link, RefreshedTokens, Secret
 
 
 class LockedLink(Protocol):

@@ -21,8 +21,6 @@ from typing import Any
 
 from broker.model import Link, Secret
 
-#: The Go product stores "no expiry" as the zero time, 0001-01-01 00:00:00+00.
-ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
 #: The longest access-token lifetime the broker believes; longer ones are clamped.
 MAX_LIFETIME = timedelta(days=366)
 
@@ -34,14 +32,6 @@ class Decision(enum.Enum):
     SERVE_AND_REFRESH_AHEAD = "serve_and_refresh_ahead"  # serve now; refresh in the background
     REFRESH = "refresh"  # inside the leeway window (or expired) and refreshable
     EXPIRED = "expired"  # expired and not refreshable
-
-
-def normalise_expiry(expiry: datetime | None) -> datetime | None:
-    """Map the product's zero time, NULL, and PostgreSQL's 'infinity'/'-infinity' (which asyncpg decodes as naive
-    datetime.max/datetime.min) to None, "never expires"."""
-    if expiry is None or expiry.tzinfo is None or expiry <= ZERO_TIME:
-        return None
-    return expiry
 
 
 def effective_leeway(leeway: timedelta, lifetime: timedelta | None) -> timedelta:

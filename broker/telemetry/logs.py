@@ -40,7 +40,7 @@ class JsonFormatter(logging.Formatter):
     def render(self, entry: dict[str, Any]) -> str:
         """One line of `entry` (plus the trace ids when on), secrets redacted."""
         if self._trace_ids:
-            from broker.tracing import log_ids
+            from broker.telemetry.tracing import log_ids
 
             entry.update(log_ids())
         line = json.dumps(entry, default=str, separators=(",", ":"))

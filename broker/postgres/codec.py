@@ -3,14 +3,25 @@ the tokens the domain works with."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from broker.dbcrypt import Cipher, DecryptFailed
 from broker.model import AccountState, Link, RefreshedTokens, Secret
-from broker.policy import normalise_expiry
+from broker.postgres.dbcrypt import Cipher, DecryptFailed
+
+#: The Go product stores "no expiry" as the zero time, 0001-01-01 00:00:00+00.
+ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+
+
+def normalise_expiry(expiry: datetime | None) -> datetime | None:
+    """Map the product's zero time, NULL, and PostgreSQL's 'infinity'/'-infinity' (which asyncpg decodes as naive
+    datetime.max/datetime.min) to None, "never expires"."""
+    if expiry is None or expiry.tzinfo is None or expiry <= ZERO_TIME:
+        return None
+    return expiry
 
 
 class Codec:

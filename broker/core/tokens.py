@@ -8,14 +8,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from broker.core.interfaces import LinkStore, NullObserver, RefreshObserver
+from broker.core.policy import Decision, decide
+from broker.core.refresh import Refresher, RefreshSettings
+from broker.core.refresh.writeback import WriteBack
 from broker.errors import IdpNotConfigured, StoreUnavailable
-from broker.logs import UserLog
 from broker.model import AccountState, Link, TokenResult, TokenStatus, utcnow
-from broker.policy import Decision, decide
-from broker.ports import LinkStore, NullObserver, RefreshObserver
-from broker.refresh import Refresher, RefreshSettings
-from broker.refresh.writeback import WriteBack
-from broker.tracing import NULL_TRACER, Tracer
+from broker.telemetry.logs import UserLog
+from broker.telemetry.tracing import NULL_TRACER, Tracer
 
 log = logging.getLogger("broker.tokens")
 

@@ -8,12 +8,12 @@ import logging
 import time
 from uuid import UUID
 
+from broker.core.refresh.locked import LockedRefresh
+from broker.core.refresh.outcomes import failure_status, fallback
+from broker.core.refresh.parts import RefreshParts
 from broker.errors import BrokerError, RefreshLockTimeout, StoreUnavailable
-from broker.logs import UserLog
 from broker.model import Link, TokenResult, TokenStatus
-from broker.refresh.locked import LockedRefresh
-from broker.refresh.outcomes import failure_status, fallback
-from broker.refresh.parts import RefreshParts
+from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.refresh")
 

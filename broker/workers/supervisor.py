@@ -26,7 +26,7 @@ from types import FrameType
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.peers import WorkerReadiness
+from broker.workers.readiness import WorkerReadiness
 
 log = logging.getLogger("broker.supervisor")
 
@@ -171,7 +171,7 @@ class Supervisor:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from broker.metrics import serve_metrics
+        from broker.telemetry.metrics import serve_metrics
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]  # untyped

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from broker.core.interfaces import GuardedIdp, LinkStore, RefreshObserver
+from broker.core.refresh.liveness import Liveness
+from broker.core.refresh.rejections import RejectedTokens
+from broker.core.refresh.settings import RefreshSettings
+from broker.core.refresh.writeback import WriteBack
 from broker.model import utcnow
-from broker.ports import GuardedIdp, LinkStore, RefreshObserver
-from broker.refresh.liveness import Liveness
-from broker.refresh.rejections import RejectedTokens
-from broker.refresh.settings import RefreshSettings
-from broker.refresh.writeback import WriteBack
-from broker.tracing import NULL_TRACER, Tracer
+from broker.telemetry.tracing import NULL_TRACER, Tracer
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,10 @@
-"""The refresh core's settings, derived once from the broker's Settings (the arithmetic lives here, not in wiring)."""
+"""The refresh core's own settings (the arithmetic lives here, not in wiring); the composition root derives them from
+the broker's Settings, so the domain never imports the configuration."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-
-from broker.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +36,3 @@ class RefreshSettings:
     def hold_timeout(self) -> float:
         """How long the locked transaction may stay open: the lock wait, the IdP call, the write, and margins."""
         return self.lock_timeout + self.idp_timeout + 2 * (self.lock_timeout + 1) + 5
-
-    @staticmethod
-    def from_settings(s: Settings) -> RefreshSettings:
-        return RefreshSettings(
-            leeway=timedelta(seconds=s.refresh_leeway),
-            refresh_ahead=timedelta(seconds=s.refresh_ahead),
-            lock_timeout=s.refresh_lock_timeout,
-            idp_timeout=s.oidc_timeout,
-            reauth_backoff=s.reauth_backoff,
-            forced_interval=s.forced_refresh_interval,
-            persist_warn_after=s.persist_retry_seconds,
-            store_timeout=s.request_timeout,
-            max_concurrent=max(1, s.db_pool_max // 2),
-        )

@@ -9,9 +9,9 @@ from uuid import UUID
 
 import grpc
 
-from broker.calls import Rejected, record_result
+from broker.core.tokens import TokenService
 from broker.model import TokenResult, TokenStatus
-from broker.tokens import TokenService
+from broker.server.entry import Rejected, record_result
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 

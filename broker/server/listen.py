@@ -14,15 +14,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from broker.config import Settings
+from broker.core.interfaces import LinkStore
 from broker.errors import ConfigError
-from broker.interceptors import RpcEntry
-from broker.metrics import serve_metrics
-from broker.peers import WorkerReadiness
-from broker.ports import LinkStore
-from broker.service import SERVICE_NAME, TokenBrokerServicer
-from broker.tls import ReloadingCertificates
+from broker.server.entry import RpcEntry
+from broker.server.service import SERVICE_NAME, TokenBrokerServicer
+from broker.server.tls import ReloadingCertificates
+from broker.telemetry.metrics import serve_metrics
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.workers.readiness import WorkerReadiness
 
 log = logging.getLogger("broker.app")
 

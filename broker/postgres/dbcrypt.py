@@ -17,12 +17,12 @@ import base64
 import binascii
 import hashlib
 import hmac
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import BrokerError
+from broker.model import DbKey
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -58,15 +58,6 @@ def parse_keys(text: str) -> list[bytes]:
     if len({key_digest(k) for k in keys}) != len(keys):
         raise ValueError("a key is listed twice")
     return keys
-
-
-@dataclass(frozen=True)
-class DbKey:
-    """A row of the product's dbcrypt_keys, as the broker reads it."""
-
-    active_digest: str | None
-    revoked_digest: str | None
-    test: str
 
 
 class Cipher:

@@ -20,13 +20,13 @@ from uuid import UUID
 
 import asyncpg
 
-from broker.codec import Codec
-from broker.dbcrypt import Cipher, DbKey
 from broker.errors import RefreshLockTimeout, StoreUnavailable
-from broker.logs import UserLog
-from broker.model import Link, RefreshedTokens, Secret
-from broker.pgsocket import watch_socket
-from broker.reads import ReadLanes
+from broker.model import DbKey, Link, RefreshedTokens, Secret
+from broker.postgres.codec import Codec
+from broker.postgres.dbcrypt import Cipher
+from broker.postgres.keepalive import watch_socket
+from broker.postgres.lanes import ReadLanes
+from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")

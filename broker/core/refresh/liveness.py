@@ -7,9 +7,9 @@ import contextlib
 import logging
 from uuid import UUID
 
+from broker.core.interfaces import LinkStore
 from broker.errors import StoreUnavailable
 from broker.model import Secret
-from broker.ports import LinkStore
 
 log = logging.getLogger("broker.refresh")
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import grpc
 
-from broker.calls import Rejected
 from broker.errors import ConfigError
-from broker.mesh import MeshIdentity
+from broker.server.entry import Rejected
+from broker.server.mesh import MeshIdentity
 
 log = logging.getLogger("broker.auth")
 

@@ -1,26 +1,58 @@
 """Where every RPC enters: caller authorisation, per-caller limits, gRPC metrics, the access/audit log line, and the
-last-resort mapping of unexpected exceptions to INTERNAL. Each method's handler is wrapped once, when the services
-are registered (not a grpc.aio interceptor, which grpc awaits on every call)."""
+last-resort mapping of unexpected exceptions to INTERNAL; and the record of one call, filled by the servicer and read
+here. Each method's handler is wrapped once, when the services are registered (not a grpc.aio interceptor, which
+grpc awaits on every call)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from broker.calls import CallRecord, Rejected, current_call
-from broker.logs import info_line
-from broker.metrics import Metrics
-from broker.model import TokenStatus
-from broker.ports import Gatekeeper
-from broker.tracing import NULL_TRACER, Tracer
+from broker.core.interfaces import Gatekeeper
+from broker.model import TokenResult, TokenStatus
+from broker.telemetry.logs import info_line
+from broker.telemetry.metrics import Metrics
+from broker.telemetry.tracing import NULL_TRACER, Tracer
 
 log = logging.getLogger("broker.access")
 audit_log = logging.getLogger("broker.audit")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What the servicer learned about one call."""
+
+    caller: str | None = None
+    user_id: str | None = None
+    result: TokenResult | None = None
+    reported: bool = False  # the request reported a rejected access token
+
+
+current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
+
+
+def record_result(user_id: str, result: TokenResult, *, reported: bool = False) -> None:
+    record = current_call.get()
+    if record is not None:
+        record.user_id = user_id
+        record.result = result
+        record.reported = reported
+
+
+class Rejected(Exception):
+    """An RPC refused with a gRPC status. Raised by the servicer and the gatekeeper; the entry point records the
+    call (metrics, audit line) first and only then sends the status, so a scrape right after sees it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _noop() -> None:

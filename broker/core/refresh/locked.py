@@ -6,6 +6,11 @@ import logging
 import time
 from contextlib import AsyncExitStack
 
+from broker.core.interfaces import LockedLink
+from broker.core.policy import is_expired, needs_refresh
+from broker.core.refresh.outcomes import fallback, refreshed
+from broker.core.refresh.parts import RefreshParts
+from broker.core.refresh.writeback import Pending
 from broker.errors import (
     IdpNotConfigured,
     IdpOutcomeUnknown,
@@ -14,13 +19,8 @@ from broker.errors import (
     RefreshInFlight,
     StoreUnavailable,
 )
-from broker.logs import UserLog
 from broker.model import AccountState, Link, RefreshedTokens, Secret, TokenResult, TokenStatus
-from broker.policy import is_expired, needs_refresh
-from broker.ports import LockedLink
-from broker.refresh.outcomes import fallback, refreshed
-from broker.refresh.parts import RefreshParts
-from broker.refresh.writeback import Pending
+from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.refresh")
 

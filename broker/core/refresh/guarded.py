@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.circuit import CircuitBreaker
+from broker.core.circuit import CircuitBreaker
+from broker.core.interfaces import IdentityProvider, RefreshObserver
 from broker.errors import BrokerError, IdpNotConfigured, IdpOutcomeUnknown, IdpRejected, IdpUnavailable
 from broker.model import RefreshedTokens, Secret
-from broker.ports import IdentityProvider, RefreshObserver
 
 
 class GuardedIdentityProvider:

@@ -1,0 +1,79 @@
+"""The domain: what the broker decides, with no I/O of its own. It talks to the store and the IdP only through the
+interfaces in `broker.core.interfaces`, and never imports grpc, asyncpg, httpx2 or cryptography (a test holds it to
+that): the adapters live in `broker.postgres`, `broker.idp` and `broker.server`.
+
+- `interfaces`: the ports (LinkStore, IdentityProvider, Gatekeeper, RefreshObserver);
+- `policy`: pure refresh decisions;
+- `tokens`: the use case (read, decide, serve or refresh);
+- `circuit`: the IdP circuit breaker;
+- `refresh/`: the refresh core, one guarantee per module.
+
+`build_domain()` wires it all around a store and an IdP; the composition root (`broker.app`) calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.core.circuit import CircuitBreaker
+from broker.core.interfaces import GuardedIdp, IdentityProvider, LinkStore, RefreshObserver
+from broker.core.refresh import Refresher, RefreshSettings
+from broker.core.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
+from broker.core.refresh.liveness import Liveness
+from broker.core.refresh.parts import RefreshParts
+from broker.core.refresh.rejections import RejectedTokens
+from broker.core.refresh.writeback import WriteBack
+from broker.core.tokens import TokenService
+from broker.telemetry.tracing import NULL_TRACER, Tracer
+
+__all__ = ["CircuitSettings", "Domain", "RefreshSettings", "TokenService", "build_domain"]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSettings:
+    failures: int
+    """Consecutive IdP outages that open the circuit."""
+    open_seconds: float
+    """How long the circuit stays open before a probe."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The token use case and what the lifecycle needs of the refresh core."""
+
+    tokens: TokenService
+    refresher: Refresher
+    writeback: WriteBack
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: let refreshes in flight finish and give pending write-backs a last attempt."""
+        await self.refresher.drain(timeout)
+
+    def unpersisted(self) -> int:
+        """Rotated tokens held in memory until their write-back succeeds."""
+        return len(self.writeback)
+
+
+def build_domain(
+    settings: RefreshSettings,
+    circuit: CircuitSettings,
+    store: LinkStore,
+    idp: IdentityProvider | None,
+    observer: RefreshObserver,
+    tracer: Tracer = NULL_TRACER,
+) -> Domain:
+    """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O."""
+    breaker = CircuitBreaker(
+        circuit.failures, circuit.open_seconds, on_change=lambda st: observer.circuit_state(int(st))
+    )
+    guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, breaker, observer)
+    liveness = Liveness(store, settings.heartbeat_interval)
+    writeback = WriteBack(
+        store, liveness, observer, store_timeout=settings.store_timeout, warn_after=settings.persist_warn_after
+    )
+    parts = RefreshParts(
+        store, guarded, settings, writeback, liveness, RejectedTokens(settings.reauth_backoff), observer, tracer=tracer
+    )
+    refresher = Refresher(parts)
+    tokens = TokenService(store, refresher, writeback, settings, observer=observer, tracer=tracer)
+    return Domain(tokens, refresher, writeback)
