@@ -7,7 +7,7 @@ NODE_STAMP := tests/idp/node_modules/.installed clients/node/node_modules/.insta
 SYSTEM_STAMP := $(VENV)/.installed-system
 TOOLS  := .tools
 
-.PHONY: install run test unit lint fmt typecheck precommit proto proto-check buf check bench helm-lint clean
+.PHONY: install run test unit lint fmt typecheck precommit proto proto-check docs docs-check buf check bench helm-lint clean
 
 install: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 
@@ -77,6 +77,13 @@ buf: $(STAMP)
 	else echo "buf breaking: no earlier contract to compare with"; exit 0; fi; \
 	echo "buf breaking --against $$against"; $(VENV)/bin/buf breaking --against "$$against"
 
+# docs/configuration.md is generated from the Settings field docstrings (broker/config.py), like the stubs.
+docs: $(STAMP)
+	$(PY) docs/generate.py
+
+docs-check: $(STAMP)
+	$(PY) docs/generate.py --check
+
 helm-lint: $(STAMP)
 	$(PY) -m tests.support.helm lint
 
@@ -85,7 +92,7 @@ bench: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 	$(PY) -m bench.run
 
 # Everything CI runs (.ci/run is `make check`): the README's test command first, then the static checks.
-check: test lint typecheck precommit proto-check buf helm-lint
+check: test lint typecheck precommit proto-check docs-check buf helm-lint
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .data tests/idp/node_modules clients/node/node_modules

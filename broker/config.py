@@ -32,16 +32,16 @@ class Settings:
     """Every knob of the broker. Field docs name the environment variable."""
 
     database_url: Secret | None
-    """BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: the service's login role. Required to serve."""
+    """BROKER_DATABASE_URL or BROKER_DATABASE_URL_FILE: the DSN of the service's login role (postgresql://)."""
     migrate_database_url: Secret | None
-    """BROKER_MIGRATE_DATABASE_URL(_FILE): an admin role for `migrate`; defaults to BROKER_DATABASE_URL."""
+    """BROKER_MIGRATE_DATABASE_URL or BROKER_MIGRATE_DATABASE_URL_FILE: an admin role's DSN for `migrate`."""
     encryption_keys: Secret | None = None
     """BROKER_ENCRYPTION_KEYS or BROKER_ENCRYPTION_KEYS_FILE: the Go product's external-token encryption keys, a
     comma-separated list of base64 32-byte keys, primary first (it encrypts; the others only decrypt). Never logged."""
     db_service_role: str = "token_broker"
-    """BROKER_DB_SERVICE_ROLE: the login role `migrate` grants EXECUTE to."""
+    """BROKER_DB_SERVICE_ROLE: the login role `migrate` grants EXECUTE to (created if missing)."""
     db_pool_min: int = 1
-    """BROKER_DB_POOL_MIN."""
+    """BROKER_DB_POOL_MIN: connections the asyncpg pool of each worker keeps open."""
     db_pool_max: int = 10
     """BROKER_DB_POOL_MAX (at least 2): a refresh holds its locked connection across the IdP call and briefly a
     second one for the in-flight marker; refreshes use at most half of the pool."""
@@ -53,7 +53,7 @@ class Settings:
     metrics_listen: str = "127.0.0.1:9464"
     """BROKER_METRICS_LISTEN: host:port of the Prometheus /metrics endpoint; empty disables it."""
     log_level: str = "INFO"
-    """BROKER_LOG_LEVEL."""
+    """BROKER_LOG_LEVEL: DEBUG, INFO, WARNING, ERROR or CRITICAL (INFO writes one audit line per call)."""
     request_timeout: float = 10.0
     """BROKER_REQUEST_TIMEOUT: the most one RPC may take, also when the caller set no deadline (seconds)."""
     refresh_leeway: float = 600.0
@@ -70,13 +70,14 @@ class Settings:
     persist_retry_seconds: float = 30.0
     """BROKER_PERSIST_RETRY_SECONDS: how long a failed write-back of refreshed tokens is retried with backoff."""
     oidc_issuer: str | None = None
-    """BROKER_OIDC_ISSUER: discovery via /.well-known/openid-configuration."""
+    """BROKER_OIDC_ISSUER: discovery via /.well-known/openid-configuration (cached for an hour); plain http only on
+    loopback addresses."""
     oidc_token_url: str | None = None
     """BROKER_OIDC_TOKEN_URL: the token endpoint, skipping discovery."""
     oidc_client_id: str | None = None
-    """BROKER_OIDC_CLIENT_ID."""
+    """BROKER_OIDC_CLIENT_ID: the broker's OAuth client id at the IdP."""
     oidc_client_secret: Secret | None = None
-    """BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE."""
+    """BROKER_OIDC_CLIENT_SECRET or BROKER_OIDC_CLIENT_SECRET_FILE: the OAuth client secret. Never logged."""
     oidc_auth_method: str = "client_secret_basic"
     """BROKER_OIDC_AUTH_METHOD: client_secret_basic or client_secret_post."""
     oidc_timeout: float = 5.0
@@ -94,7 +95,7 @@ class Settings:
     tls_cert_file: Path | None = None
     """BROKER_TLS_CERT_FILE: server certificate chain (PEM); with BROKER_TLS_KEY_FILE enables TLS."""
     tls_key_file: Path | None = None
-    """BROKER_TLS_KEY_FILE."""
+    """BROKER_TLS_KEY_FILE: the server certificate's private key (PEM); both files are re-read when they change."""
     tls_client_ca_file: Path | None = None
     """BROKER_TLS_CLIENT_CA_FILE: require and verify client certificates issued by this CA (mutual TLS)."""
     allowed_callers: frozenset[str] = field(default_factory=frozenset)
@@ -120,8 +121,8 @@ class Settings:
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
     tracing: bool = False
-    """(OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SDK_DISABLED) OpenTelemetry traces are exported when
-    the standard variables ask for an exporter; off otherwise, at no cost."""
+    """OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SDK_DISABLED (the standard variables): OpenTelemetry
+    traces are exported when they ask for an exporter; off otherwise, at no cost."""
     trace_user_id: bool = False
     """BROKER_TRACE_USER_ID: put the user id on the RPC's span (off: spans never carry a user id)."""
     allow_insecure: bool = False
