@@ -1,8 +1,9 @@
-"""In-memory implementations of broker.ports for the fast unit tests of the refresh core.
+"""In-memory implementations of broker.core.interfaces for the fast unit tests of the refresh core.
 
 They stage on cue what real services cannot: a rotation between the read and the rejection, a save that fails after
-the IdP answered, a commit that fails, an IdP that answers only when the test says so. The integration tests against
-PostgreSQL and oidc-provider remain the proof; these are the fast map.
+the IdP answered, a commit that fails, an IdP that answers only when the test says so. tests/contract runs the same
+behavioural tests on FakeStore and PostgresStore, so the fake is held to what PostgreSQL does; the integration tests
+against PostgreSQL and oidc-provider remain the proof, these are the fast map.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from broker.errors import StoreUnavailable
+from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -73,6 +74,7 @@ class FakeStore:
     after_lock: Callable[[], Awaitable[None]] | None = None
     events: list[str] = field(default_factory=list)
     forced_at: dict[UUID, float] = field(default_factory=dict)
+    keys: list[DbKey] = field(default_factory=list)  # the product's dbcrypt_keys rows, in their order
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -91,7 +93,12 @@ class FakeStore:
             self.faults.lock -= 1
             raise StoreUnavailable("fake: lock failed")
         lock = self._locks.setdefault(user_id, asyncio.Lock())
-        async with lock:
+        try:
+            async with asyncio.timeout(lock_timeout):
+                await lock.acquire()
+        except TimeoutError:
+            raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
+        try:
             self.events.append("lock")
             locked = FakeLocked(self, user_id, self._read_locked(user_id))
             yield locked
@@ -101,7 +108,11 @@ class FakeStore:
                 raise StoreUnavailable("fake: commit failed")
             if locked.staged is not None:
                 self._apply(user_id, locked.staged)
+            if locked.forced:
+                self.forced_at[user_id] = self.clock.monotonic()
             self.events.append("commit")
+        finally:
+            lock.release()
         if self.after_lock is not None:
             await self.after_lock()
 
@@ -134,7 +145,7 @@ class FakeStore:
                 del self.markers[user_id]
 
     async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
-        return []
+        return list(self.keys)
 
     async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
         user_id, previous_refresh = previous.user_id, previous.refresh_token
@@ -163,12 +174,14 @@ class FakeStore:
 
 @dataclass
 class FakeLocked:
-    """A LockedLink of FakeStore: `save` stages the write, committed when the lock context exits cleanly."""
+    """A LockedLink of FakeStore: `save` and `note_forced` stage their writes, committed when the lock context exits
+    cleanly (as in the locked transaction); the in-flight marker is committed at once."""
 
     store: FakeStore
     user_id: UUID
     link: Link | None
     staged: tuple[Secret, RefreshedTokens] | None = None
+    forced: bool = False
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
@@ -183,7 +196,7 @@ class FakeLocked:
         return ok
 
     async def note_forced(self) -> None:
-        self.store.forced_at[self.user_id] = self.store.clock.monotonic()
+        self.forced = True
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None
