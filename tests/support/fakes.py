@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from broker.errors import RefreshLockTimeout, StoreUnavailable
+from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable, RefreshLockTimeout, StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -236,6 +236,53 @@ class ScriptedIdp:
         if isinstance(answer, RefreshedTokens):
             return answer
         return await answer(refresh_token)
+
+
+class RotatingIdp:
+    """An IdentityProvider with oidc-provider's rotation (tests/idp): each refresh token is good once; a used one
+    is refused with invalid_grant and revokes its whole grant (reuse detection). `fault` "down" answers as an outage
+    before the token is looked at, "garbage" as an unreadable 2xx. tests/contract holds it to the real adapter on the
+    real test IdP. Its `refresh` is also a ScriptedIdp answer."""
+
+    def __init__(self, clock: FakeClock, lifetime: float = 3600) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.fault = "ok"
+        self._issued = 0
+        self._grants = 0
+        self._grant_of: dict[str, int] = {}  # every refresh token issued -> its grant
+        self._live: set[str] = set()
+        self._revoked: set[int] = set()
+
+    def login(self) -> RefreshedTokens:
+        """A new grant, as the authorization-code flow gives it."""
+        self._grants += 1
+        return self._issue(self._grants)
+
+    def _issue(self, grant: int) -> RefreshedTokens:
+        self._issued += 1
+        refresh = f"rt-{self._issued}"
+        self._grant_of[refresh] = grant
+        self._live.add(refresh)
+        expiry = self.clock.now() + timedelta(seconds=self.lifetime)
+        return RefreshedTokens(Secret(f"at-{self._issued}"), Secret(refresh), expiry)
+
+    async def refresh(self, refresh_token: Secret) -> RefreshedTokens:
+        await asyncio.sleep(0)
+        if self.fault == "down":
+            raise IdpUnavailable("fake: identity provider answered 503")
+        if self.fault == "garbage":
+            raise IdpOutcomeUnknown("fake: unreadable 2xx")
+        token = refresh_token.reveal()
+        grant = self._grant_of.get(token)
+        if grant is None or grant in self._revoked:
+            raise IdpRejected("invalid_grant")
+        if token not in self._live:  # reuse: the grant is revoked, its latest token with it
+            self._revoked.add(grant)
+            self._live -= {t for t, g in self._grant_of.items() if g == grant}
+            raise IdpRejected("invalid_grant")
+        self._live.discard(token)
+        return self._issue(grant)
 
 
 def tokens(n: int, clock: FakeClock, lifetime: float = 3600) -> RefreshedTokens:
