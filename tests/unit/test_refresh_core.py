@@ -1,5 +1,5 @@
-"""The refresh core through the interfaces of broker.core.interfaces, on fakes: every branch of the locked refresh and the
-write-back, and failures staged at each await. No sockets; the integration tests are the proof."""
+"""The refresh core through broker.core.interfaces, on fakes: every branch of the locked refresh and the write-back,
+and failures staged at each await. No sockets; the integration tests are the proof."""
 
 from __future__ import annotations
 
