@@ -18,7 +18,7 @@ from typing import Protocol
 import pytest
 
 from broker.core.interfaces import LinkStore, LockedLink
-from broker.errors import RefreshLockTimeout
+from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.model import AccountState, DbKey, Link, RefreshedTokens, Secret
 from broker.postgres.codec import normalise_expiry
 from tests.support.broker import postgres_store
@@ -64,6 +64,8 @@ class Fake:
     async def disable(self, user_id: uuid.UUID, how: str) -> None:
         row = self.fake.rows[user_id]
         self.fake.put(Link(row.user_id, row.access_token, row.refresh_token, row.expiry, AccountState.DISABLED))
+        if how == "deleted":
+            self.fake.deleted.add(user_id)
 
     async def stored(self, user_id: uuid.UUID) -> tuple[str, str, datetime | None] | None:
         row = self.fake.rows.get(user_id)
@@ -480,6 +482,26 @@ async def test_the_write_back_of_an_older_refresh_loses_after_a_newer_one(backen
 async def test_the_write_back_for_no_link_loses(backend: Backend) -> None:
     ghost = Link(uuid.uuid4(), Secret("access-1"), Secret("refresh-1"), LATER)
     assert await backend.store.save_refreshed(ghost, tokens(2), timeout=T) is False
+
+
+async def test_the_write_back_to_a_suspended_users_link_lands(backend: Backend) -> None:
+    uid = await seeded(backend)
+    previous = await read(backend, uid)
+    await backend.disable(uid, "suspended")
+    assert await backend.store.save_refreshed(previous, tokens(2), timeout=T) is True
+    assert await backend.stored(uid) == ("access-2", "refresh-2", LATER)
+
+
+async def test_the_write_back_to_a_deleted_users_link_fails(backend: Backend) -> None:
+    """The product's trigger refuses every write to a deleted user's link (only a write that would land)."""
+    uid = await seeded(backend)
+    previous = await read(backend, uid)
+    await backend.disable(uid, "deleted")
+    with pytest.raises(StoreUnavailable):
+        await backend.store.save_refreshed(previous, tokens(2), timeout=T)
+    stale = Link(uid, Secret("access-0"), Secret("refresh-0"), LATER)
+    assert await backend.store.save_refreshed(stale, tokens(2), timeout=T) is False
+    assert await backend.stored(uid) == ("access-1", "refresh-1", LATER)
 
 
 async def test_the_write_back_stores_no_expiry_as_never_expiring(backend: Backend) -> None:

@@ -75,6 +75,7 @@ class FakeStore:
     events: list[str] = field(default_factory=list)
     forced_at: dict[UUID, float] = field(default_factory=dict)
     keys: list[DbKey] = field(default_factory=list)  # the product's dbcrypt_keys rows, in their order
+    deleted: set[UUID] = field(default_factory=set)  # users the product deleted: its trigger refuses their writes
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -132,6 +133,8 @@ class FakeStore:
         row = self.rows.get(user_id)
         if row is None or row.refresh_token not in (expected, tokens.refresh_token):
             return False, None
+        if user_id in self.deleted:
+            raise StoreUnavailable("fake: database error while writing refreshed tokens: RaiseError")
         new = replace(row, access_token=tokens.access_token, refresh_token=tokens.refresh_token, expiry=tokens.expiry)
         return True, new
 
