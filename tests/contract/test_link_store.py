@@ -161,6 +161,24 @@ def lock(backend: Backend, uid: uuid.UUID, lock_timeout: float = T) -> AbstractA
     return backend.store.lock_link(uid, lock_timeout=lock_timeout, hold_timeout=T)
 
 
+async def under_lock(backend: Backend, uid: uuid.UUID) -> Link:
+    """The link as the next holder of the lock reads it (with the marker's and the forced refresh's ages)."""
+    async with lock(backend, uid) as locked:
+        assert locked.link is not None
+        return locked.link
+
+
+async def marked(backend: Backend, uid: uuid.UUID) -> None:
+    """A holder marks the link's refresh token as sent to the IdP and leaves the lock (its call is still out)."""
+    async with lock(backend, uid) as locked:
+        await locked.mark_in_flight()
+
+
+def seconds(age: float | None) -> float:
+    assert age is not None
+    return age
+
+
 class Abort(Exception):
     """Raised inside a lock's block: the locked transaction rolls back."""
 
@@ -204,9 +222,7 @@ async def test_a_disabled_accounts_link_reads_as_disabled(backend: Backend, how:
     link = await backend.store.get_link(uid, timeout=T)
     assert link is not None
     assert link.account is AccountState.DISABLED
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        assert locked.link.account is AccountState.DISABLED
+    assert (await under_lock(backend, uid)).account is AccountState.DISABLED
 
 
 async def test_a_plain_read_reports_no_marker_and_no_forced_refresh(backend: Backend) -> None:
@@ -231,8 +247,7 @@ async def test_a_new_login_is_what_the_next_read_sees(backend: Backend) -> None:
 
 async def test_the_lock_reads_the_link_with_no_marker_and_no_forced_refresh(backend: Backend) -> None:
     uid = await seeded(backend)
-    async with lock(backend, uid) as locked:
-        assert locked.link == Link(uid, Secret("access-1"), Secret("refresh-1"), LATER)
+    assert await under_lock(backend, uid) == Link(uid, Secret("access-1"), Secret("refresh-1"), LATER)
 
 
 async def test_the_lock_on_no_link_reads_none(backend: Backend) -> None:
@@ -268,8 +283,7 @@ async def test_a_held_lock_times_out_the_next_holder(backend: Backend) -> None:
         with pytest.raises(RefreshLockTimeout):
             async with lock(backend, uid, lock_timeout=0.2):
                 pass
-    async with lock(backend, uid) as locked:  # released: the next holder gets it
-        assert locked.link is not None
+    assert await under_lock(backend, uid)  # released: the next holder gets it
 
 
 async def test_the_lock_of_one_link_does_not_hold_another(backend: Backend) -> None:
@@ -308,19 +322,13 @@ async def test_a_forced_refresh_is_noted_with_the_commit(backend: Backend) -> No
         assert locked.link is not None
         assert locked.link.forced_seconds_ago is None
         await locked.note_forced()
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        ago = locked.link.forced_seconds_ago
-        assert ago is not None
-        assert 0 <= ago < 60
+    assert 0 <= seconds((await under_lock(backend, uid)).forced_seconds_ago) < 60
 
 
 async def test_a_forced_refresh_note_is_rolled_back_with_the_block(backend: Backend) -> None:
     uid = await seeded(backend)
     await in_a_failing_block(backend, uid, lambda locked: locked.note_forced())
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        assert locked.link.forced_seconds_ago is None
+    assert (await under_lock(backend, uid)).forced_seconds_ago is None
 
 
 # -- the in-flight marker -----------------------------------------------------------------------------------------
@@ -330,21 +338,14 @@ async def test_a_marker_is_committed_at_once_and_seen_by_the_next_holder(backend
     uid = await seeded(backend)
     await in_a_failing_block(backend, uid, lambda locked: locked.mark_in_flight())  # the marker stays
     assert await backend.has_marker(uid)
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        idle = locked.link.marker_idle_seconds
-        assert idle is not None
-        assert 0 <= idle < 60
+    assert 0 <= seconds((await under_lock(backend, uid)).marker_idle_seconds) < 60
 
 
 async def test_a_marker_counts_only_for_the_refresh_token_it_was_taken_for(backend: Backend) -> None:
     uid = await seeded(backend)
-    async with lock(backend, uid) as locked:
-        await locked.mark_in_flight()
+    await marked(backend, uid)
     await backend.put(uid, "access-9", "refresh-9", LATER)  # a new login replaced the token
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        assert locked.link.marker_idle_seconds is None
+    assert (await under_lock(backend, uid)).marker_idle_seconds is None
 
 
 async def test_abandoning_lifts_the_marker(backend: Backend) -> None:
@@ -353,9 +354,7 @@ async def test_abandoning_lifts_the_marker(backend: Backend) -> None:
         await locked.mark_in_flight()
         await locked.clear_in_flight()
     assert not await backend.has_marker(uid)
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        assert locked.link.marker_idle_seconds is None
+    assert (await under_lock(backend, uid)).marker_idle_seconds is None
 
 
 async def test_abandoning_never_lifts_another_tokens_marker(backend: Backend) -> None:
@@ -363,31 +362,19 @@ async def test_abandoning_never_lifts_another_tokens_marker(backend: Backend) ->
     async with lock(backend, uid) as stale:
         await stale.mark_in_flight()
     await backend.put(uid, "access-9", "refresh-9", LATER)
-    async with lock(backend, uid) as current:
-        await current.mark_in_flight()
+    await marked(backend, uid)
     await stale.clear_in_flight()  # the holder of the replaced token gives up late
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        assert locked.link.marker_idle_seconds is not None
+    assert (await under_lock(backend, uid)).marker_idle_seconds is not None
 
 
 async def test_a_heartbeat_renews_the_holders_marker_only(backend: Backend) -> None:
     uid, other = await seeded(backend), await seeded(backend, 2)
     for user in (uid, other):
-        async with lock(backend, user) as locked:
-            await locked.mark_in_flight()
+        await marked(backend, user)
         await backend.age_marker(user, 100)
     await backend.store.heartbeat([(uid, Secret("refresh-1")), (other, Secret("not-the-token"))], timeout=T)
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        idle = locked.link.marker_idle_seconds
-        assert idle is not None
-        assert idle < 100
-    async with lock(backend, other) as locked:
-        assert locked.link is not None
-        idle = locked.link.marker_idle_seconds
-        assert idle is not None
-        assert idle >= 100
+    assert seconds((await under_lock(backend, uid)).marker_idle_seconds) < 100
+    assert seconds((await under_lock(backend, other)).marker_idle_seconds) >= 100
 
 
 async def test_a_heartbeat_of_nothing_is_fine(backend: Backend) -> None:
@@ -396,20 +383,13 @@ async def test_a_heartbeat_of_nothing_is_fine(backend: Backend) -> None:
 
 async def test_a_dead_holders_marker_is_taken_over(backend: Backend) -> None:
     uid = await seeded(backend)
-    async with lock(backend, uid) as locked:
-        await locked.mark_in_flight()
+    await marked(backend, uid)
     await backend.age_marker(uid, 100)
     async with lock(backend, uid) as locked:
         assert locked.link is not None
-        idle = locked.link.marker_idle_seconds
-        assert idle is not None
-        assert idle >= 100
+        assert seconds(locked.link.marker_idle_seconds) >= 100
         await locked.mark_in_flight()
-    async with lock(backend, uid) as locked:
-        assert locked.link is not None
-        idle = locked.link.marker_idle_seconds
-        assert idle is not None
-        assert idle < 100
+    assert seconds((await under_lock(backend, uid)).marker_idle_seconds) < 100
 
 
 async def test_a_save_under_the_lock_lifts_the_marker_of_the_token_sent(backend: Backend) -> None:
@@ -443,8 +423,7 @@ async def read(backend: Backend, uid: uuid.UUID) -> Link:
 async def test_the_write_back_wins_over_the_token_it_was_sent_with(backend: Backend) -> None:
     uid = await seeded(backend)
     previous = await read(backend, uid)
-    async with lock(backend, uid) as locked:
-        await locked.mark_in_flight()
+    await marked(backend, uid)
     assert await backend.store.save_refreshed(previous, tokens(2), timeout=T) is True
     assert await backend.stored(uid) == ("access-2", "refresh-2", LATER)
     assert not await backend.has_marker(uid)
@@ -454,8 +433,7 @@ async def test_the_write_back_loses_when_the_refresh_token_changed(backend: Back
     uid = await seeded(backend)
     previous = await read(backend, uid)
     await backend.put(uid, "access-9", "refresh-9", LATER)  # a new login
-    async with lock(backend, uid) as locked:
-        await locked.mark_in_flight()  # the new token's holder, live
+    await marked(backend, uid)  # the new token's holder, live
     assert await backend.store.save_refreshed(previous, tokens(2), timeout=T) is False
     assert await backend.stored(uid) == ("access-9", "refresh-9", LATER)
     assert await backend.has_marker(uid)  # a stale write-back never lifts another holder's marker
