@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -119,6 +119,32 @@ def _metadata(caller_token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {caller_token}"),) if caller_token else None
 
 
+_C = TypeVar("_C", grpc.Channel, grpc.aio.Channel, covariant=True)
+
+
+class _ChannelFactory(Protocol[_C]):
+    """`grpc` or `grpc.aio`: the two modules build their channels with the same signatures."""
+
+    def secure_channel(
+        self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]
+    ) -> _C: ...
+
+    def insecure_channel(self, target: str, options: list[tuple[str, Any]]) -> _C: ...
+
+
+def _channel(
+    grpc_module: _ChannelFactory[_C],
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: list[tuple[str, Any]] | None,
+) -> _C:
+    """The one channel of a client, with the retries and keepalive of channel_options; TLS with `credentials`."""
+    opts = channel_options(target, options)
+    if credentials is not None:
+        return grpc_module.secure_channel(target, credentials, options=opts)
+    return grpc_module.insecure_channel(target, options=opts)
+
+
 class TokenBrokerClient:
     """`async with TokenBrokerClient("broker:50051") as c: headers = await c.bearer_headers(user_id)`."""
 
@@ -131,12 +157,7 @@ class TokenBrokerClient:
         caller_token: str | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
-        opts = channel_options(target, options)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=opts)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
+        self._channel = _channel(grpc.aio, target, credentials, options)
         self._stub = pb_grpc.TokenBrokerStub(self._channel)
         self._timeout = timeout
         self._metadata = _metadata(caller_token)
@@ -150,14 +171,16 @@ class TokenBrokerClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel; calls still running on it fail with CANCELLED."""
         await self._channel.close()
 
     async def get_oidc_access_token(
         self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
     ) -> OIDCToken:
         """The user's token. `rejected`: the access token an upstream just refused (HTTP 401); the broker then
-        refreshes it once for every caller that reports it, or answers "" with REAUTH_REQUIRED."""
-        """Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
+        refreshes it once for every caller that reports it, or answers "" with REAUTH_REQUIRED.
+
+        Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
         resp = await self._stub.GetOIDCAccessToken(
             _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
         )
@@ -169,7 +192,8 @@ class TokenBrokerClient:
 
 
 class SyncTokenBrokerClient:
-    """The same client for synchronous workers (thread-safe; one channel)."""
+    """`with SyncTokenBrokerClient("broker:50051") as c: headers = c.bearer_headers(user_id)`: the same client for
+    synchronous workers (thread-safe; one channel for every thread)."""
 
     def __init__(
         self,
@@ -180,12 +204,7 @@ class SyncTokenBrokerClient:
         caller_token: str | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
-        opts = channel_options(target, options)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=opts)
-            if credentials is not None
-            else grpc.insecure_channel(target, options=opts)
-        )
+        self._channel = _channel(grpc, target, credentials, options)
         self._stub = pb_grpc.TokenBrokerStub(self._channel)
         self._timeout = timeout
         self._metadata = _metadata(caller_token)
@@ -199,15 +218,20 @@ class SyncTokenBrokerClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel; calls still running on it fail with CANCELLED."""
         self._channel.close()
 
     def get_oidc_access_token(
         self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
     ) -> OIDCToken:
+        """The user's token, as TokenBrokerClient.get_oidc_access_token answers it.
+
+        Raises grpc.RpcError (a grpc.Call) for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
         resp = self._stub.GetOIDCAccessToken(
             _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
         )
         return _token(resp)
 
     def bearer_headers(self, user_id: str, *, rejected: str | None = None) -> dict[str, str]:
+        """{"Authorization": "Bearer ..."}, or {} when there is no usable token."""
         return self.get_oidc_access_token(user_id, rejected=rejected).bearer_headers()

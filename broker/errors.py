@@ -3,6 +3,9 @@
     BrokerError
     ├── ConfigError              a bad setting; the message names every bad variable (exit 2)
     ├── MigrationRefused         `migrate` found the database unsafe; the message says what to run
+    ├── KeysRejected             (postgres.dbcrypt) the keys do not match dbcrypt_keys: no start
+    ├── DecryptFailed            (postgres.dbcrypt) a stored value cannot be decrypted; caught by the codec,
+    │                            which marks the link unreadable                   -> STORE_UNAVAILABLE
     ├── StoreUnavailable         PostgreSQL failed, timed out or refused            -> STORE_UNAVAILABLE
     ├── RefreshLockTimeout       another holder kept the per-link lock too long    -> IDP_UNAVAILABLE
     ├── RefreshInFlight          a live holder elsewhere has this refresh token at the IdP -> IDP_UNAVAILABLE
@@ -11,6 +14,14 @@
     └── IdpUnavailable           down, slow, 429/5xx, circuit open                  -> IDP_UNAVAILABLE
         └── IdpOutcomeUnknown    the request may have reached the IdP and rotated the token (timeout after
                                  sending, an unreadable 2xx): the in-flight marker is kept
+
+Outside the tree, because they never leave the gRPC edge (broker.server):
+
+    Exception
+    ├── server.entry.Rejected    an RPC refused with a gRPC status (servicer, gatekeeper); the entry point
+    │                            records the call, then sends the status
+    └── ValueError
+        └── server.mesh.MalformedHeader   an XFCC header that does not parse: logged, the call has no identity
 
 Messages never carry a token, a refresh token, a client secret or a DSN password.
 """

@@ -268,3 +268,11 @@ async def test_a_valid_token_costs_one_database_round_trip(db: Database) -> None
     one, many = await run(1), await run(201)
     # A second round trip per call (asyncpg's default pool reset query, SET LOCAL ROLE...) would add 200 or more.
     assert 195 <= many - one <= 205, (one, many)
+
+
+async def test_migrate_bounds_the_service_roles_transactions(db: Database) -> None:
+    row = await db.fetchrow(
+        "SELECT setconfig FROM pg_db_role_setting WHERE setrole = $1::regrole AND setdatabase = 0", SERVICE_ROLE
+    )
+    assert row is not None
+    assert {"idle_in_transaction_session_timeout=60s", "statement_timeout=30s"} <= set(row["setconfig"])

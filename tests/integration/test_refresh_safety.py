@@ -8,22 +8,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
-from broker.postgres.store import PostgresStore
+from broker.core.interfaces import LinkStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, postgres_store, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
+from tests.support.stores import DelegatingStore
 
 
 def past() -> datetime:
@@ -288,21 +287,15 @@ async def test_invalid_grant_after_someone_else_rotated_uses_the_new_state(db: D
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, issued.access_token)
 
 
-class RotatesAfterTheLock:
+class RotatesAfterTheLock(DelegatingStore):
     """A LinkStore whose lock runs `hook` right after the lock is released (another writer, on cue)."""
 
-    def __init__(self, inner: PostgresStore, hook: Callable[[], Awaitable[None]]) -> None:
-        self.inner, self.hook = inner, hook
-        self.get_link, self.save_refreshed = inner.get_link, inner.save_refreshed
-        self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
+    def __init__(self, inner: LinkStore, hook: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(inner)
+        self.hook = hook
 
-    @asynccontextmanager
-    async def lock_link(self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[Any]:
-        try:
-            async with self.inner.lock_link(user_id, lock_timeout=lock_timeout, hold_timeout=hold_timeout) as locked:
-                yield locked
-        finally:
-            await self.hook()
+    async def unlocked(self) -> None:
+        await self.hook()
 
 
 async def test_idp_outage_opens_the_circuit_and_recovers(db: Database, idp: OidcTestProvider) -> None:

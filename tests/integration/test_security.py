@@ -18,14 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.app import App
 from broker.config import Settings
+from broker.core.interfaces import LinkStore
 from broker.errors import ConfigError
 from broker.model import Link
-from broker.postgres.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import broker_env, call_broker, postgres_store, running_broker
 from tests.support.certs import CertificateAuthority
 from tests.support.pg import Database
+from tests.support.stores import DelegatingStore
 
 WORKER = "spiffe://cluster.local/ns/chat/sa/worker"
 STRANGER = "spiffe://cluster.local/ns/other/sa/stranger"
@@ -248,17 +249,16 @@ async def test_authentication_is_decided_before_any_database_access(db: Database
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-class HeldReads:
-    """A LinkStore over the real one whose reads wait for `gate`: calls stay in flight on cue."""
+class HeldReads(DelegatingStore):
+    """A LinkStore whose reads wait for `gate`: calls stay in flight on cue."""
 
-    def __init__(self, inner: PostgresStore, gate: asyncio.Event) -> None:
-        self.inner, self.gate = inner, gate
-        self.lock_link, self.save_refreshed = inner.lock_link, inner.save_refreshed
-        self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
+    def __init__(self, inner: LinkStore, gate: asyncio.Event) -> None:
+        super().__init__(inner)
+        self.gate = gate
 
     async def get_link(self, user_id: uuid.UUID, *, timeout: float) -> Link | None:
         await self.gate.wait()
-        return await self.inner.get_link(user_id, timeout=timeout)
+        return await super().get_link(user_id, timeout=timeout)
 
 
 async def test_per_caller_concurrency_limit(db: Database, tokens_file: Path) -> None:

@@ -1,8 +1,9 @@
-"""In-memory implementations of broker.ports for the fast unit tests of the refresh core.
+"""In-memory implementations of broker.core.interfaces for the fast unit tests of the refresh core.
 
 They stage on cue what real services cannot: a rotation between the read and the rejection, a save that fails after
-the IdP answered, a commit that fails, an IdP that answers only when the test says so. The integration tests against
-PostgreSQL and oidc-provider remain the proof; these are the fast map.
+the IdP answered, a commit that fails, an IdP that answers only when the test says so. tests/contract runs the same
+behavioural tests on FakeStore and PostgresStore, so the fake is held to what PostgreSQL does; the integration tests
+against PostgreSQL and oidc-provider remain the proof, these are the fast map.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from broker.errors import StoreUnavailable
+from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable, RefreshLockTimeout, StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -73,6 +74,8 @@ class FakeStore:
     after_lock: Callable[[], Awaitable[None]] | None = None
     events: list[str] = field(default_factory=list)
     forced_at: dict[UUID, float] = field(default_factory=dict)
+    keys: list[DbKey] = field(default_factory=list)  # the product's dbcrypt_keys rows, in their order
+    deleted: set[UUID] = field(default_factory=set)  # users the product deleted: its trigger refuses their writes
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -91,7 +94,12 @@ class FakeStore:
             self.faults.lock -= 1
             raise StoreUnavailable("fake: lock failed")
         lock = self._locks.setdefault(user_id, asyncio.Lock())
-        async with lock:
+        try:
+            async with asyncio.timeout(lock_timeout):
+                await lock.acquire()
+        except TimeoutError:
+            raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
+        try:
             self.events.append("lock")
             locked = FakeLocked(self, user_id, self._read_locked(user_id))
             yield locked
@@ -101,7 +109,11 @@ class FakeStore:
                 raise StoreUnavailable("fake: commit failed")
             if locked.staged is not None:
                 self._apply(user_id, locked.staged)
+            if locked.forced:
+                self.forced_at[user_id] = self.clock.monotonic()
             self.events.append("commit")
+        finally:
+            lock.release()
         if self.after_lock is not None:
             await self.after_lock()
 
@@ -121,6 +133,8 @@ class FakeStore:
         row = self.rows.get(user_id)
         if row is None or row.refresh_token not in (expected, tokens.refresh_token):
             return False, None
+        if user_id in self.deleted:
+            raise StoreUnavailable("fake: database error while writing refreshed tokens: RaiseError")
         new = replace(row, access_token=tokens.access_token, refresh_token=tokens.refresh_token, expiry=tokens.expiry)
         return True, new
 
@@ -134,7 +148,7 @@ class FakeStore:
                 del self.markers[user_id]
 
     async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
-        return []
+        return list(self.keys)
 
     async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
         user_id, previous_refresh = previous.user_id, previous.refresh_token
@@ -163,12 +177,14 @@ class FakeStore:
 
 @dataclass
 class FakeLocked:
-    """A LockedLink of FakeStore: `save` stages the write, committed when the lock context exits cleanly."""
+    """A LockedLink of FakeStore: `save` and `note_forced` stage their writes, committed when the lock context exits
+    cleanly (as in the locked transaction); the in-flight marker is committed at once."""
 
     store: FakeStore
     user_id: UUID
     link: Link | None
     staged: tuple[Secret, RefreshedTokens] | None = None
+    forced: bool = False
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
@@ -183,7 +199,7 @@ class FakeLocked:
         return ok
 
     async def note_forced(self) -> None:
-        self.store.forced_at[self.user_id] = self.store.clock.monotonic()
+        self.forced = True
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None
@@ -223,6 +239,53 @@ class ScriptedIdp:
         if isinstance(answer, RefreshedTokens):
             return answer
         return await answer(refresh_token)
+
+
+class RotatingIdp:
+    """An IdentityProvider with oidc-provider's rotation (tests/idp): each refresh token is good once; a used one
+    is refused with invalid_grant and revokes its whole grant (reuse detection). `fault` "down" answers as an outage
+    before the token is looked at, "garbage" as an unreadable 2xx. tests/contract holds it to the real adapter on the
+    real test IdP. Its `refresh` is also a ScriptedIdp answer."""
+
+    def __init__(self, clock: FakeClock, lifetime: float = 3600) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.fault = "ok"
+        self._issued = 0
+        self._grants = 0
+        self._grant_of: dict[str, int] = {}  # every refresh token issued -> its grant
+        self._live: set[str] = set()
+        self._revoked: set[int] = set()
+
+    def login(self) -> RefreshedTokens:
+        """A new grant, as the authorization-code flow gives it."""
+        self._grants += 1
+        return self._issue(self._grants)
+
+    def _issue(self, grant: int) -> RefreshedTokens:
+        self._issued += 1
+        refresh = f"rt-{self._issued}"
+        self._grant_of[refresh] = grant
+        self._live.add(refresh)
+        expiry = self.clock.now() + timedelta(seconds=self.lifetime)
+        return RefreshedTokens(Secret(f"at-{self._issued}"), Secret(refresh), expiry)
+
+    async def refresh(self, refresh_token: Secret) -> RefreshedTokens:
+        await asyncio.sleep(0)
+        if self.fault == "down":
+            raise IdpUnavailable("fake: identity provider answered 503")
+        if self.fault == "garbage":
+            raise IdpOutcomeUnknown("fake: unreadable 2xx")
+        token = refresh_token.reveal()
+        grant = self._grant_of.get(token)
+        if grant is None or grant in self._revoked:
+            raise IdpRejected("invalid_grant")
+        if token not in self._live:  # reuse: the grant is revoked, its latest token with it
+            self._revoked.add(grant)
+            self._live -= {t for t, g in self._grant_of.items() if g == grant}
+            raise IdpRejected("invalid_grant")
+        self._live.discard(token)
+        return self._issue(grant)
 
 
 def tokens(n: int, clock: FakeClock, lifetime: float = 3600) -> RefreshedTokens:

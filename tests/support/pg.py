@@ -124,6 +124,10 @@ class Database:
     async def link(self, user_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.fetchrow("SELECT * FROM user_links WHERE user_id = $1 AND login_type = 'oidc'", user_id)
 
+    async def marker(self, user_id: uuid.UUID) -> asyncpg.Record | None:
+        """The user's in-flight marker (token_broker.refresh_in_flight), None when there is none."""
+        return await self.fetchrow("SELECT * FROM token_broker.refresh_in_flight WHERE user_id = $1", user_id)
+
 
 class DatabaseFactory:
     """Creates per-test databases from templates: plain (broker-created tables) and the Go product's schema."""

@@ -12,9 +12,14 @@ import json
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.support.broker import broker_env
+from tests.support.pg import Database
 
 
 @dataclass
@@ -140,3 +145,18 @@ class TokenEndpoint:
             handler.wfile.write(data)
         except OSError:
             pass  # the client gave up (a timeout test)
+
+
+def env_for(db: Database, ep: TokenEndpoint, **overrides: str) -> dict[str, str]:
+    """The broker's settings with this endpoint as its IdP (discovery at `ep.issuer`)."""
+    env = broker_env(db, BROKER_OIDC_ISSUER=ep.issuer, BROKER_OIDC_CLIENT_ID="broker")
+    env.update(BROKER_OIDC_CLIENT_SECRET="test-secret", **overrides)
+    return env
+
+
+async def expired_user(db: Database, ep: TokenEndpoint) -> tuple[uuid.UUID, str]:
+    """A user whose stored token expired five minutes ago, with a fresh grant of this endpoint; (id, refresh)."""
+    uid = uuid.uuid4()
+    access, refresh = ep.issue()
+    await db.insert_link(uid, access, refresh, datetime.now(UTC) - timedelta(minutes=5))
+    return uid, refresh

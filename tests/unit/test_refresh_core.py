@@ -1,5 +1,5 @@
-"""The refresh core through the interfaces of broker.ports, on fakes: every branch of the locked refresh and the
-write-back, and failures staged at each await. No sockets; the integration tests are the proof."""
+"""The refresh core through broker.core.interfaces, on fakes: every branch of the locked refresh and the write-back,
+and failures staged at each await. No sockets; the integration tests are the proof."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from broker.core.refresh.rejections import RejectedTokens
 from broker.core.refresh.writeback import Pending, WriteBack
 from broker.core.tokens import TokenService
 from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable
-from broker.model import Secret, TokenResult, TokenStatus
-from tests.support.fakes import Answer, FakeClock, FakeStore, ScriptedIdp, link, tokens
+from broker.model import Link, Secret, TokenResult, TokenStatus
+from tests.support.fakes import Answer, FakeClock, FakeStore, RotatingIdp, ScriptedIdp, link, tokens
 
 SETTINGS = RefreshSettings(
     leeway=timedelta(seconds=600),
@@ -412,3 +412,22 @@ class TestForcedRefresh:
         )
         assert {a.access_token.reveal() for a in answers} == {"access-1"}
         assert len(c.idp.sent) == 1
+
+
+class TestAgainstTheRotatingIdp:
+    """The domain against RotatingIdp, the IdP fake that tests/contract holds to oidc-provider."""
+
+    async def test_each_refresh_sends_the_latest_token_once(self) -> None:
+        c = make_core()
+        idp = RotatingIdp(c.clock)
+        grant = idp.login()
+        c.store.put(Link(c.user, grant.access_token, grant.refresh_token, c.clock.now() - timedelta(seconds=1)))
+        c.idp.script += [idp.refresh] * 3
+        results = []
+        for _ in range(3):
+            results.append(await c.get())
+            c.clock.advance(3601)  # the rotated access token expired
+        assert [r.status for r in results] == [TokenStatus.REFRESHED] * 3
+        assert len(set(c.idp.sent)) == 3  # a resend would have been refused, and revoked the grant
+        assert c.idp.sent[0] == grant.refresh_token
+        assert (await idp.refresh(Secret(c.row_refresh()))).refresh_token  # the stored token is the live one
