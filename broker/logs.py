@@ -29,7 +29,8 @@ class JsonFormatter(logging.Formatter):
         forms: set[str] = set()
         for secret in redact:
             if secret:
-                forms.update((secret, unquote(secret), quote(secret, safe=""), repr(secret)[1:-1]))
+                plain = unquote(secret)
+                forms.update((secret, plain, quote(plain, safe=""), repr(secret)[1:-1], repr(plain)[1:-1]))
         # Longest first: a form that contains another is replaced whole.
         self._redact = sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
         self._encoded = sorted({json.dumps(f)[1:-1] for f in self._redact}, key=len, reverse=True)
