@@ -165,6 +165,28 @@ async def test_a_non_superuser_administrator_migrates_and_the_broker_serves(fres
         assert (await b.get(uid)).access_token == "admin-migrated-token"
 
 
+async def test_an_administrator_that_cannot_join_a_pre_created_role_is_told_what_to_run(fresh: Fresh) -> None:
+    """The elevated role created beforehand by a superuser: on PostgreSQL 16 and later an administrator holds no
+    ADMIN OPTION on a role it did not create, so it cannot make itself a member; migrate says what a superuser runs
+    (on 15, CREATEROLE may grant any role that is not a superuser, and migrate does it itself)."""
+    await fresh.sql(f"CREATE ROLE {ELEVATED} NOLOGIN")
+    await fresh.sql("CREATE ROLE tb_admin LOGIN CREATEROLE")
+    await fresh.sql(f'ALTER DATABASE "{fresh.name}" OWNER TO tb_admin')
+    conn = await asyncpg.connect(fresh.url())
+    try:
+        modern = int(await conn.fetchval("SHOW server_version_num")) >= 160000
+    finally:
+        await conn.close()
+    if modern:
+        grant = f"GRANT {ELEVATED} TO tb_admin WITH INHERIT TRUE, SET TRUE"
+        with pytest.raises(MigrationRefused) as refused:
+            await migrate(fresh.url("tb_admin"), SERVICE)
+        assert f"as a superuser, run {grant}" in str(refused.value)
+        await fresh.sql(grant)
+    report = await migrate(fresh.url("tb_admin"), SERVICE)
+    assert "0001_links.sql" in report.applied
+
+
 async def _wait_serving(target: str, serving: bool, timeout: float = 20.0) -> None:
     want = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     deadline = time.monotonic() + timeout
