@@ -83,6 +83,7 @@ class ElevatedRoleGate:
         self._store = store
         self._service_role = service_role
         self._safe = False
+        self._failed = False
         self._logged: list[str] = []
 
     async def __call__(self, timeout: float) -> bool:
@@ -90,8 +91,11 @@ class ElevatedRoleGate:
             return True
         try:
             problems = await self._store.run(timeout, "checking the elevated role", self._problems)
-        except StoreUnavailable:
-            return False  # the database's own readiness says so
+        except StoreUnavailable as exc:
+            if not self._failed:  # the database answered its ping just before: say why readiness waits, once
+                self._failed = True
+                log.warning("could not check the elevated database role, so this broker is not ready yet: %s", exc)
+            return False
         if problems:
             if problems != self._logged:
                 self._logged = problems
