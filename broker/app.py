@@ -23,6 +23,7 @@ from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.dbcrypt import Cipher, parse_keys
+from broker.elevated import ElevatedRoleGate
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
@@ -125,7 +126,9 @@ class App:
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
         readiness = asyncio.create_task(
-            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
+            listeners.watch_database(
+                store, self._health, self.settings.health_interval, self._stopping, self._peers(), self._gate(store)
+            ),
             name="readiness",
         )
         self._stack.push_async_callback(_cancel, readiness)
@@ -142,6 +145,10 @@ class App:
                 "worker": self.settings.worker_index,
             },
         )
+
+    def _gate(self, store: LinkStore) -> ElevatedRoleGate | None:
+        """Readiness waits for the elevated role to be safe (a role pre-created with LOGIN or members is refused)."""
+        return ElevatedRoleGate(store, self.settings.db_service_role) if isinstance(store, PostgresStore) else None
 
     def _peers(self) -> WorkerReadiness | None:
         s = self.settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import grpc
@@ -105,12 +106,16 @@ async def watch_database(
     interval: float,
     stopping: asyncio.Event,
     peers: WorkerReadiness | None = None,
+    gate: Callable[[float], Awaitable[bool]] | None = None,
 ) -> None:
-    """Readiness: the token service is SERVING only while the database answers (and, with workers, while every
-    worker says so); checked every `interval`, every 0.5 s while this worker waits for the others."""
+    """Readiness: the token service is SERVING only while the database answers and `gate` (the elevated role's
+    check) passes (and, with workers, while every worker says so); checked every `interval`, every 0.5 s while this
+    worker waits for the others."""
     serving: bool | None = None
     while not stopping.is_set():
         own = await store.ping(timeout=min(interval, 2.0))
+        if own and gate is not None:
+            own = await gate(min(interval, 2.0))
         ok = own
         if peers is not None:
             peers.report(own)

@@ -137,7 +137,10 @@ async def postgres_store(db: Database) -> AsyncIterator[PostgresStore]:
 class BrokerProcess:
     """`python -m broker serve` as a separate OS process (a replica)."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False, stdout: int | None = None
+    ) -> None:
+        """`stdout`: a file descriptor for the process's stdout (then only stderr goes to `log_path`)."""
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
         full = dict(os.environ)
@@ -150,8 +153,8 @@ class BrokerProcess:
             [sys.executable, "-m", "broker", "serve"],
             env=full,
             cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=self._log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else self._log,
             start_new_session=True,  # its own process group, so a test can SIGKILL all of it
         )
         self.target = f"127.0.0.1:{self.port}"
