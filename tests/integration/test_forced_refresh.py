@@ -14,7 +14,7 @@ import pytest
 
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import BrokerProcess, RunningBroker, broker_env, running_broker
+from tests.support.broker import BrokerProcess, RunningBroker, broker_env, call_broker, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -64,10 +64,10 @@ async def test_a_token_revoked_at_the_idp_ends_in_reauth_required(db: Database, 
     assert not idp.active(token)
     async with running_broker(broker_env(db, idp)) as b:
         r = await report(b, uid, token)
-        later = await b.get(uid)  # still stored, still unexpired: the broker serves it until a report or expiry
+        later = await b.get(uid)  # still stored and unexpired, but rejected: not served
         again = await report(b, uid, token)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
-    assert later.access_token == token
+    assert (later.status, later.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
     assert (again.status, again.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
 
 
@@ -163,3 +163,58 @@ async def test_the_audit_line_records_the_report(
     assert [getattr(r, "rejected_token_reported", None) for r in audits] == [False, True]
     assert token not in caplog.text
     assert sha(token) not in caplog.text
+
+
+
+async def test_after_a_failed_forced_refresh_no_process_serves_the_rejected_token(
+    db: Database, idp: OidcTestProvider, tmp_path: Path
+) -> None:
+    """The IdP is down when the upstream's rejection is reported: that call, later plain calls, and plain calls on
+    another broker process answer "" with IDP_UNAVAILABLE (retry later; the user need not log in again). Once the
+    IdP is back, the next call refreshes, and every process serves the new token."""
+    uid, token = await fresh_user(db, idp)
+    other = BrokerProcess(broker_env(db, idp), tmp_path / "other.log")
+    try:
+        async with running_broker(broker_env(db, idp)) as b:
+            await warm_discovery(b)
+            idp.set_fault("down")
+            reported = await report(b, uid, token)
+            plain = await b.get(uid)
+            elsewhere = await call_broker(other.target, uid, timeout=10)
+            idp.set_fault("ok")
+            after = await b.get(uid)
+            elsewhere_after = await call_broker(other.target, uid, timeout=10)
+    finally:
+        other.stop()
+    for r in (reported, plain, elsewhere):
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
+    assert after.status == pb.TOKEN_STATUS_REFRESHED
+    assert after.access_token not in ("", token)
+    assert idp.active(after.access_token)
+    assert (elsewhere_after.status, elsewhere_after.access_token) == (pb.TOKEN_STATUS_VALID, after.access_token)
+
+
+async def test_a_new_login_replaces_a_rejected_token(db: Database, idp: OidcTestProvider, tmp_path: Path) -> None:
+    """While the IdP stays down, a new login writes new tokens to the row: every process serves them at once."""
+    uid, token = await fresh_user(db, idp)
+    relogin = await idp.login(f"user-{uid}")  # the code exchange needs the token endpoint: before the outage
+    other = BrokerProcess(broker_env(db, idp), tmp_path / "other.log")
+    try:
+        async with running_broker(broker_env(db, idp)) as b:
+            await warm_discovery(b)
+            idp.set_fault("down")
+            reported = await report(b, uid, token)
+            assert (await call_broker(other.target, uid, timeout=10)).access_token == ""
+            await db.execute(
+                "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3 WHERE user_id = $1",
+                uid,
+                relogin.access_token,
+                relogin.refresh_token,
+            )
+            here = await b.get(uid)
+            elsewhere = await call_broker(other.target, uid, timeout=10)
+    finally:
+        other.stop()
+    assert (reported.status, reported.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
+    for r in (here, elsewhere):
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, relogin.access_token)
