@@ -221,9 +221,10 @@ async def test_without_the_elevation_reads_fail_with_permission_denied(product_d
             await conn.fetchrow("SELECT * FROM token_broker.get_oidc_link($1)", uid)
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
             await conn.fetchrow("SELECT * FROM token_broker.get_oidc_links($1)", [uid])
-        for read in ("read_oidc_link($1)", "read_oidc_links(ARRAY[$1::uuid])"):
-            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
-                await conn.fetchrow(f"SELECT * FROM token_broker.{read}", uid)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchrow("SELECT * FROM token_broker.read_oidc_link($1)", uid)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchrow("SELECT * FROM token_broker.read_oidc_links($1)", [uid])
     finally:
         await conn.close()
     async with running_broker(broker_env(product_db)) as b:

@@ -165,7 +165,6 @@ async def test_the_audit_line_records_the_report(
     assert sha(token) not in caplog.text
 
 
-
 async def test_after_a_failed_forced_refresh_no_process_serves_the_rejected_token(
     db: Database, idp: OidcTestProvider, tmp_path: Path
 ) -> None:
