@@ -86,16 +86,16 @@ class TokenService:
             UserLog(log, user_id).error("stored tokens cannot be read: %s", link.unreadable)
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
         pending = self._writeback.reconcile(link)
-        if rejected is None and pending is None and link.access_rejected and not is_expired(link, self._clock()):
-            # An upstream rejected this token before, and no refresh has replaced it yet (the IdP was down, say):
-            # never serve it; refresh as that report would.
-            return await self._forced(link, deadline, link.access_token.sha256(), remembered=True)
         if rejected is not None:
             current = pending.tokens.access_token if pending is not None else link.access_token
             if current and current.sha256() == rejected:
                 remembered = pending is None and link.access_rejected
                 return await self._forced(link, deadline, rejected, remembered=remembered)
             self._observer.forced_refresh("replaced")  # another caller or replica replaced it already: serve that
+        if pending is None and link.access_rejected and not is_expired(link, self._clock()):
+            # An upstream rejected this token before, and no refresh has replaced it yet (the IdP was down, say):
+            # never serve it; refresh as that report did.
+            return await self._forced(link, deadline, link.access_token.sha256(), remembered=True)
         if pending is not None:
             # This process holds rotated tokens the row does not have yet: the refresher serves or lands them.
             return await self._refresher.refresh(link, deadline)

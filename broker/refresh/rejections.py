@@ -83,9 +83,6 @@ class RejectedAccessTokens:
             return False
         return True
 
-    def __len__(self) -> int:
-        return len(self._writes)
-
     def _written(self, key: tuple[UUID, bytes], task: asyncio.Task[None]) -> None:
         if self._writes.get(key) is task:
             del self._writes[key]

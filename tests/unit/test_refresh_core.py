@@ -450,3 +450,9 @@ class TestForcedRefresh:
         c.store.faults.remember_rejected = 1
         r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
         assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+
+    async def test_a_stale_report_is_not_answered_with_a_current_token_that_was_rejected_too(self) -> None:
+        c = make_core(IdpUnavailable("down"), IdpUnavailable("still down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        r = await c.tokens.get_token(c.user, 5.0, Secret("an-older-token").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
