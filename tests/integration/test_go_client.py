@@ -4,6 +4,7 @@ upstream that checks the Authorization header."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import subprocess
 import threading
@@ -101,8 +102,10 @@ async def test_the_documented_make_go_example_builds_and_runs_the_worker(db: Dat
         async with running_broker(broker_env(db)) as b:
             values = {"UPSTREAM": url, "USER_ID": str(uid), "BROKER": b.target}
             argv = command[:2] + [f"{name}={values[name]}" for name in names]
+            # As typed in a shell: not as a sub-make of `make test` (which would add "Entering directory" lines).
+            shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
             out = await asyncio.to_thread(
-                subprocess.run, argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+                subprocess.run, argv, cwd=ROOT, env=shell, capture_output=True, text=True, timeout=600, check=False
             )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == "200"
