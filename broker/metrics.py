@@ -90,7 +90,7 @@ class Metrics:
         )
         self.forced_refreshes = Counter(
             "token_broker_forced_refreshes",
-            "Token requests that reported the stored access token as rejected by an upstream, by outcome.",
+            "Token requests for a stored access token an upstream rejected (reported, or remembered), by outcome.",
             ["result"],
             registry=registry,
         )

@@ -70,6 +70,8 @@ class Link:
     marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
     # its holder's last heartbeat. Only read under the refresh lock.
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
+    access_rejected: bool = False  # an upstream rejected this very access token (remembered in the database until
+    # the link holds another one): it is never served
 
 
 @dataclass(frozen=True, slots=True)

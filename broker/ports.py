@@ -61,6 +61,11 @@ class LinkStore(Protocol):
         """Whether the database answers (readiness)."""
         ...
 
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        """Remember, for every worker and replica, that an upstream rejected the user's access token with this
+        SHA-256: reads then mark the link `access_rejected` for as long as it holds that token."""
+        ...
+
 
 class IdentityProvider(Protocol):
     """Performs the OAuth2 refresh_token grant."""

@@ -31,8 +31,8 @@ from broker.reads import ReadLanes
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
 
-GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
-GET_LINKS = "SELECT * FROM token_broker.get_oidc_links($1)"
+GET_LINK = "SELECT * FROM token_broker.read_oidc_link($1)"  # since 0005; get_oidc_link for older replicas
+GET_LINKS = "SELECT * FROM token_broker.read_oidc_links($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5, $6, $7, $8)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1, $2)"
@@ -40,6 +40,7 @@ DBCRYPT_KEYS = "SELECT * FROM token_broker.get_dbcrypt_keys()"
 ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 NOTE_FORCED = "SELECT token_broker.note_forced_refresh($1)"
+REJECT_ACCESS = "SELECT token_broker.reject_access_token($1, $2)"
 PING = "SELECT 1"
 
 #: Errors after which the connection is dead or in an unknown state: it is terminated, never reused.
@@ -281,6 +282,14 @@ class PostgresStore:
         ids = [uid for uid, _ in held]
         hashes = [token.sha256() for _, token in held]
         await self.run(timeout, "refreshing in-flight heartbeats", lambda c: c.execute(HEARTBEAT, ids, hashes))
+
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        await self.run(
+            timeout,
+            "remembering a rejected token",
+            lambda c: c.execute(REJECT_ACCESS, user_id, access_sha256),
+            idempotent=True,
+        )
 
     async def ping(self, *, timeout: float) -> bool:
         try:

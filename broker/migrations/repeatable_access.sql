@@ -280,5 +280,71 @@ BEGIN
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,'
         ' pg_catalog.text, pg_catalog.timestamptz, pg_catalog.text, pg_catalog.text, pg_catalog.bytea) TO %I', svc);
+
+    -- Since 0005: the access token an upstream rejected, remembered for every worker and replica. The reads are
+    -- get_oidc_link(s) plus the SHA-256 of a rejected access token of the link (NULL when none), which the broker
+    -- compares with the token it decrypted; get_oidc_link(s) stay, unchanged, for replicas of older versions.
+    REVOKE ALL ON token_broker.rejected_access FROM PUBLIC;
+    GRANT SELECT, INSERT, UPDATE ON token_broker.rejected_access TO token_broker_elevated;
+    GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.read_oidc_link(p_user_id pg_catalog.uuid)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool, rejected_sha256 pg_catalog.bytea)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.read_oidc_links(p_user_ids pg_catalog.uuid[])
+        RETURNS TABLE (user_id pg_catalog.uuid, access_token pg_catalog.text, refresh_token pg_catalog.text,
+                       expiry pg_catalog.timestamptz, access_key_id pg_catalog.text,
+                       refresh_key_id pg_catalog.text, account_disabled pg_catalog.bool,
+                       rejected_sha256 pg_catalog.bytea)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.user_id, l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            WHERE l.user_id OPERATOR(pg_catalog.=) ANY (p_user_ids)
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+    -- An upstream rejected the link's access token with this SHA-256 (of the plain token): committed on its own,
+    -- before the forced refresh, so that it holds whether that refresh succeeds, fails or never ends.
+    CREATE OR REPLACE FUNCTION token_broker.reject_access_token(p_user_id pg_catalog.uuid,
+                                                                p_access_sha256 pg_catalog.bytea)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.rejected_access (user_id, access_sha256, rejected_at)
+        VALUES (p_user_id, p_access_sha256, pg_catalog.clock_timestamp())
+        ON CONFLICT (user_id) DO UPDATE
+            SET access_sha256 = EXCLUDED.access_sha256, rejected_at = EXCLUDED.rejected_at
+    $body$;
+    ALTER FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
+    REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
 END
 $$;

@@ -313,7 +313,7 @@ class SavesFail:
         self.inner = inner
         self.failing = True
         self.get_link, self.heartbeat, self.ping = inner.get_link, inner.heartbeat, inner.ping
-        self.dbcrypt_keys = inner.dbcrypt_keys
+        self.dbcrypt_keys, self.remember_rejected = inner.dbcrypt_keys, inner.remember_rejected
 
     async def save_refreshed(self, *args: Any, **kwargs: Any) -> bool:
         if self.failing:

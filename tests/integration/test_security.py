@@ -255,6 +255,7 @@ class HeldReads:
         self.inner, self.gate = inner, gate
         self.lock_link, self.save_refreshed = inner.lock_link, inner.save_refreshed
         self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
+        self.remember_rejected = inner.remember_rejected
 
     async def get_link(self, user_id: uuid.UUID, *, timeout: float) -> Link | None:
         await self.gate.wait()

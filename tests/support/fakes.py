@@ -61,6 +61,7 @@ class Faults:
     save_refreshed: int = 0
     heartbeat: bool = False
     clear_in_flight: int = 0
+    remember_rejected: int = 0
 
 
 @dataclass
@@ -74,6 +75,7 @@ class FakeStore:
     after_lock: Callable[[], Awaitable[None]] | None = None
     events: list[str] = field(default_factory=list)
     forced_at: dict[UUID, float] = field(default_factory=dict)
+    rejected_access: dict[UUID, bytes] = field(default_factory=dict)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -84,7 +86,10 @@ class FakeStore:
         if self.faults.get:
             self.faults.get -= 1
             raise StoreUnavailable("fake: read failed")
-        return self.rows.get(user_id)
+        row = self.rows.get(user_id)
+        if row is None:
+            return None
+        return replace(row, access_rejected=self.rejected_access.get(user_id) == _sha(row.access_token))
 
     @asynccontextmanager
     async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[FakeLocked]:
@@ -160,6 +165,14 @@ class FakeStore:
 
     async def ping(self, *, timeout: float) -> bool:
         return True
+
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        await asyncio.sleep(0)
+        if self.faults.remember_rejected:
+            self.faults.remember_rejected -= 1
+            raise StoreUnavailable("fake: remembering the rejection failed")
+        self.rejected_access[user_id] = access_sha256
+        self.events.append("remember_rejected")
 
 
 @dataclass

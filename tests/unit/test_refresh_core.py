@@ -412,3 +412,47 @@ class TestForcedRefresh:
         )
         assert {a.access_token.reveal() for a in answers} == {"access-1"}
         assert len(c.idp.sent) == 1
+
+    async def test_after_a_failed_forced_refresh_plain_calls_answer_no_token_until_a_refresh_succeeds(self) -> None:
+        c = make_core(IdpUnavailable("down"), IdpUnavailable("still down"), tokens(1, FakeClock()), expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+        assert c.store.rejected_access == {c.user: Secret("access-0").sha256()}
+        r = await c.get()  # a plain call: no report, the stored token unexpired
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+        r = await c.get()  # the IdP answers again
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+        assert (await c.get()).status is TokenStatus.VALID  # the new token is not the rejected one
+        assert len(c.idp.sent) == 3
+
+    async def test_a_new_login_ends_the_rejection(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        c.store.put(link(c.user, 7, c.clock.now() + timedelta(hours=1)))
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.VALID, "access-7")
+
+    async def test_an_expired_rejected_token_is_handled_like_any_expired_token(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        c.store.put(replace(c.store.rows[c.user], refresh_token=Secret("")))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED  # not renewable, still unexpired
+        c.clock.advance(2 * 3600)
+        assert (await c.get()).status is TokenStatus.EXPIRED
+
+    async def test_reports_at_once_store_the_rejection_once(self) -> None:
+        c = make_core(tokens(1, FakeClock()), expired=False)
+        await asyncio.gather(*(c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256()) for _ in range(50)))
+        assert c.store.events.count("remember_rejected") == 1
+
+    async def test_a_rejection_that_cannot_be_stored_still_answers_no_rejected_token(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        c.store.faults.remember_rejected = 1
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+
+    async def test_a_stale_report_is_not_answered_with_a_current_token_that_was_rejected_too(self) -> None:
+        c = make_core(IdpUnavailable("down"), IdpUnavailable("still down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        r = await c.tokens.get_token(c.user, 5.0, Secret("an-older-token").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
