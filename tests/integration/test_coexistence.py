@@ -45,12 +45,14 @@ class Outcome:
     idp_refreshes: int
     product_refreshes: int
     broker_refreshes: int
+    foreign_rotations: int
     chat_answers: dict[str, int]
 
     def __str__(self) -> str:
         return (
             f"{self.revoked} of {USERS} users revoked in one simulated hour; IdP refresh grants "
-            f"{self.idp_refreshes} (product {self.product_refreshes}, brokers {self.broker_refreshes}); "
+            f"{self.idp_refreshes} (product {self.product_refreshes}, brokers {self.broker_refreshes}); foreign "
+            f"rotations counted {self.foreign_rotations}; "
             f"chat answers {self.chat_answers}"
         )
 
@@ -86,12 +88,14 @@ async def simulate(db: Database, token_minutes: int, *, seed: int = 22) -> Outco
             await asyncio.gather(*(user(u, rng.uniform(0, token_minutes * MINUTE)) for u in users))
             stats = idp.stats()
             broker_refreshes = sum(int(b.sample("token_broker_refreshes_total", result="success")) for b in brokers)
+            foreign = sum(int(b.sample("token_broker_foreign_rotations_total")) for b in brokers)
             counts = product.counts
             return Outcome(
                 revoked=stats["grants_revoked"],
                 idp_refreshes=stats["refresh_success"],
                 product_refreshes=counts.api_key_refreshes + counts.build_refreshes,
                 broker_refreshes=broker_refreshes,
+                foreign_rotations=foreign,
                 chat_answers=answers,
             )
     finally:
@@ -120,8 +124,31 @@ async def every(end: float, rng: random.Random, low: float, high: float, action:
         await action()
 
 
+def broker_refresh_bound(token_minutes: int) -> int:
+    """The most refreshes the brokers may make in the hour if none is made before half the token's lifetime: per
+    user, one per half-lifetime, plus one for the first token (its lifetime unknown until a broker refreshed it)."""
+    return USERS * (int(HOUR / (token_minutes * MINUTE / 2)) + 2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("token_minutes", [30, 15, 5])
-async def test_figures(product_db: Database, token_minutes: int) -> None:
+async def test_30_minute_tokens_no_active_user_is_logged_out(product_db: Database) -> None:
+    """30-minute tokens (the defaults' regime): every active user's token is refreshed in the background before it
+    enters the product's 10-minute window, so the product never refreshes one and no grant is revoked."""
+    outcome = await simulate(product_db, 30)
+    print(f"30-minute tokens: {outcome}")
+    assert outcome.revoked == 0, str(outcome)
+    assert outcome.product_refreshes == 0, str(outcome)
+    assert 0 < outcome.broker_refreshes <= broker_refresh_bound(30), str(outcome)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token_minutes", [15, 5])
+async def test_short_tokens_what_remains(product_db: Database, token_minutes: int) -> None:
+    """Tokens at or under twice the product's window: a token is never refreshed before half its lifetime, so the
+    product's build path still refreshes (what remains, docs/coexistence.md). Guaranteed: the brokers never refresh
+    more often than every half-lifetime (never on every request), and every product rotation is counted."""
     outcome = await simulate(product_db, token_minutes)
     print(f"{token_minutes}-minute tokens: {outcome}")
+    assert 0 < outcome.broker_refreshes <= broker_refresh_bound(token_minutes), str(outcome)
+    assert outcome.product_refreshes > 0, str(outcome)
+    assert 0 < outcome.foreign_rotations, str(outcome)
