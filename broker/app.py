@@ -113,6 +113,7 @@ def _background_settings(s: Settings, rs: RefreshSettings) -> BackgroundSettings
         active_window=s.active_window,
         jitter=s.background_jitter,
         claim_seconds=rs.hold_timeout + rs.store_timeout,
+        refresh_seconds=rs.idp_timeout,
     )
 
 

@@ -51,6 +51,8 @@ class BackgroundSettings:
     """BROKER_BACKGROUND_JITTER: up to this many seconds earlier, per user, to spread a fleet's refreshes."""
     claim_seconds: float
     """How long a replica's claim on a due refresh holds (its refresh's lock wait, IdP call and write)."""
+    refresh_seconds: float = 0.0
+    """The longest a refresh's IdP call takes (BROKER_OIDC_TIMEOUT): it must have landed before the window opens."""
     batch: int = 100
     """Due refreshes claimed per tick and replica."""
 
@@ -70,6 +72,7 @@ class BackgroundSettings:
 
     def ahead(self, user_id: UUID) -> float:
         """How long before expiry an active user's token is refreshed: the product's window, two ticks (the refresh
-        runs at most a tick late), and the user's jitter, fixed by the user id so that every replica agrees."""
+        starts at most a tick late), the IdP call's timeout (it has landed before the window opens), and the user's
+        jitter, fixed by the user id so that every replica agrees."""
         share = int.from_bytes(user_id.bytes[:4], "big") / 2**32
-        return self.product_window + 2 * self.interval + self.jitter * share
+        return self.product_window + 2 * self.interval + self.refresh_seconds + self.jitter * share

@@ -22,8 +22,13 @@ from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 from tests.support.product import ProductRefreshers
 
-#: A tick of 0.05 s (a 60th of a 3-second window), no jitter: the schedule's arithmetic is exact.
-FAST = {"BROKER_PRODUCT_REFRESH_WINDOW": "3", "BROKER_BACKGROUND_JITTER": "0", "BROKER_REFRESH_AHEAD": "0"}
+#: A tick of 0.05 s (a 60th of a 3-second window), no jitter, a 0.5 s IdP timeout: due 3.6 s before expiry.
+FAST = {
+    "BROKER_PRODUCT_REFRESH_WINDOW": "3",
+    "BROKER_BACKGROUND_JITTER": "0",
+    "BROKER_REFRESH_AHEAD": "0",
+    "BROKER_OIDC_TIMEOUT": "0.5",
+}
 
 
 async def until(check: Callable[[], Awaitable[Any]], seconds: float = 10.0) -> Any:
@@ -121,7 +126,7 @@ async def test_an_active_user_is_refreshed_before_the_window_and_an_idle_one_is_
     db: Database, idp: OidcTestProvider
 ) -> None:
     """Window 3 s, ticks of 0.05 s, request-path leeway 1 s: an active user's token that expires in 5 s is
-    refreshed by the background (at about 3.1 s before expiry, while requests would not refresh it yet); an idle
+    refreshed by the background (at about 3.6 s before expiry, while requests would not refresh it yet); an idle
     user's (asked once, more than the active window before its refresh would fall due) is not touched."""
     active, active_rt = await logged_in(db, idp, expires_in=5)
     idle, idle_rt = await logged_in(db, idp, expires_in=8)
