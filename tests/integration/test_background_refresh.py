@@ -17,7 +17,7 @@ import pytest
 
 from broker.store import PostgresStore
 from broker.v1 import token_broker_pb2 as pb
-from tests.support.broker import RunningBroker, broker_env, postgres_store, running_broker
+from tests.support.broker import RunningBroker, broker_env, postgres_store, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 from tests.support.product import ProductRefreshers
@@ -224,3 +224,28 @@ class LockWaitsFor:
         await self.gate.wait()
         async with self.inner.lock_link(user_id, lock_timeout=lock_timeout, hold_timeout=hold_timeout) as locked:
             yield locked
+
+
+async def test_a_due_refresh_is_claimed_by_one_replica_only(db: Database, idp: OidcTestProvider) -> None:
+    """Three replicas serve the user; its background refresh is done by one: one locked refresh in all, not one
+    per replica that then finds the row changed (the lock and the marker would prevent a second send anyway). The
+    IdP takes 0.5 s, ten ticks of every replica, while the refresh is under way."""
+    uid, rt = await logged_in(db, idp, expires_in=5)
+    env = broker_env(db, idp, BROKER_REFRESH_LEEWAY="1", **{**FAST, "BROKER_OIDC_TIMEOUT": "2"})
+    async with running_broker(env) as b1, running_broker(env) as b2, running_broker(env) as b3:
+        replicas = (b1, b2, b3)
+        for b in replicas:
+            await warm_discovery(b)
+        idp.set_fault("ok", delay_ms=500)
+        for b in replicas:
+            await b.get(uid)
+
+        async def rotated() -> bool:
+            link = await db.link(uid)
+            return link is not None and link["oauth_refresh_token"] != rt
+
+        assert await until(rotated, seconds=8)
+        await asyncio.sleep(0.3)  # several ticks of every replica
+        locked = sum(b.sample("token_broker_refresh_lock_wait_seconds_count") for b in replicas)
+        sent = sum(b.sample("token_broker_refreshes_total", result="success") for b in replicas)
+    assert (locked, sent) == (1, 1)
