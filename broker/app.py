@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import NoReturn
+from uuid import UUID
 
 import grpc
 from grpc_health.v1 import health
@@ -23,10 +24,12 @@ from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.dbcrypt import Cipher, parse_keys
+from broker.errors import StoreUnavailable
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
+from broker.model import RefreshedTokens, utcnow
 from broker.peers import WorkerReadiness
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
@@ -73,7 +76,14 @@ def build_service(
     )
     guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, circuit, metrics)
     liveness = Liveness(store, rs.heartbeat_interval)
-    writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
+    writeback = WriteBack(
+        store,
+        liveness,
+        metrics,
+        store_timeout=rs.store_timeout,
+        warn_after=rs.persist_warn_after,
+        on_landed=_note_landed(schedule, bs, rs.store_timeout) if schedule is not None and bs is not None else None,
+    )
     refresher = Refresher(
         RefreshParts(
             store,
@@ -103,6 +113,20 @@ def build_service(
             on_foreign=metrics.foreign_rotations.inc,
         )
     return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback, background)
+
+
+def _note_landed(
+    schedule: ScheduleStore, bs: BackgroundSettings, timeout: float
+) -> Callable[[UUID, RefreshedTokens], Awaitable[None]]:
+    """A write-back that landed outside the lock records its refresh token too (else it would count as foreign)."""
+
+    async def landed(user_id: UUID, tokens: RefreshedTokens) -> None:
+        try:
+            await schedule.note_written(bs.written(user_id, tokens, utcnow()), timeout=timeout)
+        except StoreUnavailable as exc:
+            log.debug("written refresh token not recorded: %s", exc)
+
+    return landed
 
 
 def _background_settings(s: Settings, rs: RefreshSettings) -> BackgroundSettings | None:

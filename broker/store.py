@@ -381,6 +381,10 @@ class PostgresSchedule:
     async def unschedule(self, user_id: UUID, *, timeout: float) -> None:
         await self._store.run(timeout, "unscheduling a refresh", lambda c: c.execute(UNSCHEDULE, user_id))
 
+    async def note_written(self, note: Note, *, timeout: float) -> None:
+        args = _note_args([note], seen=False, written=True, log_after=0.0)
+        await self._store.run(timeout, "recording the written refresh token", lambda c: c.execute(NOTE_LINKS, *args))
+
 
 def _note_args(notes: Sequence[Note], *, seen: bool, written: bool, log_after: float) -> tuple[object, ...]:
     return (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AsyncExitStack
-from uuid import UUID
 
 from broker.errors import (
     IdpNotConfigured,
@@ -21,7 +20,6 @@ from broker.policy import is_expired, needs_refresh
 from broker.ports import LockedLink
 from broker.refresh.outcomes import fallback, refreshed
 from broker.refresh.parts import RefreshParts
-from broker.refresh.schedule import Note
 from broker.refresh.writeback import Pending
 
 log = logging.getLogger("broker.refresh")
@@ -83,7 +81,7 @@ class LockedRefresh:
                     if forced:
                         await locked.note_forced()
                     if self._background is not None:
-                        await locked.note_written(self._written(uid, tokens))
+                        await locked.note_written(self._background.written(uid, tokens, self._clock()))
             self._liveness.release(uid, used)
             if rejected is not None:
                 self._obs.forced_refresh("refreshed")
@@ -100,11 +98,6 @@ class LockedRefresh:
                 raise
             UserLog(log, uid).warning("write-back of rotated tokens failed (%s); retrying", exc)
             return refreshed(tokens)
-
-    def _written(self, user_id: UUID, tokens: RefreshedTokens) -> Note:
-        assert self._background is not None
-        lifetime = None if tokens.expiry is None else (tokens.expiry - self._clock()).total_seconds()
-        return Note(user_id, tokens.refresh_token.sha256(), tokens.expiry, self._background.ahead(user_id), lifetime)
 
     def _answer_without_idp(self, seen: Link, link: Link | None, *, reported: bool, forced: bool) -> TokenResult | None:
         """Under the lock, before any IdP call: the answers that need none. Raises RefreshInFlight when a live

@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
+from broker.model import RefreshedTokens
+
 
 @dataclass(frozen=True, slots=True)
 class Note:
@@ -38,6 +40,10 @@ class ScheduleStore(Protocol):
         ...
 
     async def unschedule(self, user_id: UUID, *, timeout: float) -> None: ...
+
+    async def note_written(self, note: Note, *, timeout: float) -> None:
+        """Record a refresh token a broker wrote outside the locked transaction (a write-back that landed later)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +82,8 @@ class BackgroundSettings:
         jitter, fixed by the user id so that every replica agrees."""
         share = int.from_bytes(user_id.bytes[:4], "big") / 2**32
         return self.product_window + 2 * self.interval + self.refresh_seconds + self.jitter * share
+
+    def written(self, user_id: UUID, tokens: RefreshedTokens, now: datetime) -> Note:
+        """The note of tokens a broker is writing: their lifetime is known exactly (expiry - now)."""
+        lifetime = None if tokens.expiry is None else (tokens.expiry - now).total_seconds()
+        return Note(user_id, tokens.refresh_token.sha256(), tokens.expiry, self.ahead(user_id), lifetime)

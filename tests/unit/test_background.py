@@ -15,7 +15,7 @@ import pytest
 from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.model import Secret, TokenStatus
+from broker.model import RefreshedTokens, Secret, TokenStatus
 from broker.ports import NullObserver
 from broker.refresh import Refresher
 from broker.refresh.background import Activity, BackgroundRefresh
@@ -24,7 +24,7 @@ from broker.refresh.liveness import Liveness
 from broker.refresh.parts import RefreshParts
 from broker.refresh.rejections import RejectedTokens
 from broker.refresh.schedule import BackgroundSettings, Note
-from broker.refresh.writeback import WriteBack
+from broker.refresh.writeback import Pending, WriteBack
 from tests.support.fakes import FakeClock, FakeStore, ScriptedIdp, link, tokens
 from tests.unit.test_refresh_core import SETTINGS
 
@@ -80,6 +80,28 @@ async def test_without_background_settings_nothing_is_noted() -> None:
     assert store.written == []
 
 
+async def test_a_write_back_that_lands_later_reports_its_tokens() -> None:
+    """So that its refresh token is recorded as a broker's, not counted as a foreign rotation."""
+    clock = FakeClock()
+    store = FakeStore(clock)
+    user = uuid.uuid4()
+    store.put(link(user, 0, clock.now() - timedelta(seconds=1)))
+    landed: list[tuple[UUID, str]] = []
+
+    async def on_landed(uid: UUID, t: RefreshedTokens) -> None:
+        landed.append((uid, t.refresh_token.reveal()))
+
+    liveness = Liveness(store, SETTINGS.heartbeat_interval)
+    writeback = WriteBack(
+        store, liveness, NullObserver(), store_timeout=1.0, warn_after=30.0, clock=clock.now, on_landed=on_landed
+    )
+    writeback.hold(user, Pending(store.rows[user], tokens(1, clock)))
+    assert await writeback.land_now(user)
+    assert landed == [(user, "refresh-1")]
+    await writeback.drain(1.0)
+    await liveness.close()
+
+
 @dataclass
 class FakeSchedule:
     """A ScheduleStore: hands out `due` once, records notes, and reports `foreign` as rotations no broker made."""
@@ -104,6 +126,9 @@ class FakeSchedule:
 
     async def unschedule(self, user_id: UUID, *, timeout: float) -> None:
         self.unscheduled.append(user_id)
+
+    async def note_written(self, note: Note, *, timeout: float) -> None:
+        self.notes.append((note, False))
 
 
 async def test_a_tick_refreshes_the_due_token_and_reschedules_from_the_new_row() -> None:
