@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import NoReturn
+from uuid import UUID
 
 import grpc
 from grpc_health.v1 import health
@@ -24,20 +25,24 @@ from broker.circuit import CircuitBreaker
 from broker.config import Settings
 from broker.dbcrypt import Cipher, parse_keys
 from broker.elevated import ElevatedRoleGate
+from broker.errors import StoreUnavailable
 from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
+from broker.model import RefreshedTokens, utcnow
 from broker.peers import WorkerReadiness
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.refresh import Refresher, RefreshSettings
+from broker.refresh.background import Activity, BackgroundRefresh
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
 from broker.refresh.parts import RefreshParts
 from broker.refresh.rejections import RejectedTokens
+from broker.refresh.schedule import BackgroundSettings, ScheduleStore
 from broker.refresh.writeback import WriteBack
 from broker.service import SERVICE_NAME, TokenBrokerServicer
-from broker.store import PostgresStore
+from broker.store import PostgresSchedule, PostgresStore
 from broker.tls import ReloadingCertificates
 from broker.tokens import TokenService
 from broker.tracing import NULL_TRACER, OtelTracer, Tracer, sdk_provider
@@ -52,6 +57,7 @@ class Service:
     servicer: TokenBrokerServicer
     refresher: Refresher
     writeback: WriteBack
+    background: BackgroundRefresh | None = None
 
 
 def build_service(
@@ -60,23 +66,80 @@ def build_service(
     idp: IdentityProvider | None,
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
+    schedule: ScheduleStore | None = None,
 ) -> Service:
-    """Wire the refresh core and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
+    """Wire the refresh core and the servicer around a store and an IdP (None: no IdP configured). No I/O. With a
+    `schedule` (and an IdP), active users' tokens are refreshed in the background (broker.refresh.background)."""
     rs = RefreshSettings.from_settings(settings)
+    bs = _background_settings(settings, rs) if schedule is not None and idp is not None else None
     circuit = CircuitBreaker(
         settings.circuit_failures, settings.circuit_open_seconds, on_change=lambda st: metrics.circuit_state(int(st))
     )
     guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, circuit, metrics)
     liveness = Liveness(store, rs.heartbeat_interval)
-    writeback = WriteBack(store, liveness, metrics, store_timeout=rs.store_timeout, warn_after=rs.persist_warn_after)
+    writeback = WriteBack(
+        store,
+        liveness,
+        metrics,
+        store_timeout=rs.store_timeout,
+        warn_after=rs.persist_warn_after,
+        on_landed=_note_landed(schedule, bs, rs.store_timeout) if schedule is not None and bs is not None else None,
+    )
     refresher = Refresher(
         RefreshParts(
-            store, guarded, rs, writeback, liveness, RejectedTokens(rs.reauth_backoff), observer=metrics, tracer=tracer
+            store,
+            guarded,
+            rs,
+            writeback,
+            liveness,
+            RejectedTokens(rs.reauth_backoff),
+            observer=metrics,
+            tracer=tracer,
+            background=bs,
         )
     )
     metrics.bind_unpersisted(lambda: len(writeback))
-    tokens = TokenService(store, refresher, writeback, rs, observer=metrics, tracer=tracer)
-    return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback)
+    activity = Activity(bs) if bs is not None else None
+    tokens = TokenService(store, refresher, writeback, rs, observer=metrics, tracer=tracer, activity=activity)
+    background = None
+    if bs is not None and schedule is not None and activity is not None:
+        background = BackgroundRefresh(
+            bs,
+            schedule,
+            store,
+            refresher,
+            activity,
+            store_timeout=rs.store_timeout,
+            lifetime=tokens.lifetime,
+            on_foreign=metrics.foreign_rotations.inc,
+        )
+    return Service(TokenBrokerServicer(tokens, settings.request_timeout), refresher, writeback, background)
+
+
+def _note_landed(
+    schedule: ScheduleStore, bs: BackgroundSettings, timeout: float
+) -> Callable[[UUID, RefreshedTokens], Awaitable[None]]:
+    """A write-back that landed outside the lock records its refresh token too (else it would count as foreign)."""
+
+    async def landed(user_id: UUID, tokens: RefreshedTokens) -> None:
+        try:
+            await schedule.note_written(bs.written(user_id, tokens, utcnow()), timeout=timeout)
+        except StoreUnavailable as exc:
+            log.debug("written refresh token not recorded: %s", exc)
+
+    return landed
+
+
+def _background_settings(s: Settings, rs: RefreshSettings) -> BackgroundSettings | None:
+    if s.product_refresh_window <= 0:
+        return None
+    return BackgroundSettings(
+        product_window=s.product_refresh_window,
+        active_window=s.active_window,
+        jitter=s.background_jitter,
+        claim_seconds=rs.hold_timeout + rs.store_timeout,
+        refresh_seconds=rs.idp_timeout,
+    )
 
 
 class App:
@@ -121,8 +184,12 @@ class App:
         await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         store = await self._open_store()
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
+        schedule = PostgresSchedule(store) if isinstance(store, PostgresStore) else None
+        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer, schedule)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
+        if service.background is not None:
+            background = asyncio.create_task(service.background.run(), name="background-refresh")
+            self._stack.push_async_callback(_cancel, background)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
         readiness = asyncio.create_task(

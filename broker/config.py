@@ -133,6 +133,14 @@ class Settings:
     health_listen: str = ""
     """BROKER_HEALTH_LISTEN: optional plaintext host:port serving only grpc.health.v1, for kubelet gRPC probes when
     the main port requires (mutual) TLS."""
+    product_refresh_window: float = 600.0
+    """BROKER_PRODUCT_REFRESH_WINDOW: the product refreshes a token itself when it expires within this many seconds
+    (its build path); active users' tokens are refreshed in the background before that. 0: no background refresh."""
+    active_window: float = 3600.0
+    """BROKER_ACTIVE_WINDOW: a user whose token a caller asked for within this many seconds is active (background
+    refresh); idle users are left alone, so their IdP sessions end by the IdP's idle policy."""
+    background_jitter: float = 60.0
+    """BROKER_BACKGROUND_JITTER: background refreshes run up to this many seconds earlier, per user, to spread them."""
 
     @property
     def idp_configured(self) -> bool:
@@ -250,6 +258,9 @@ def _read(r: EnvReader) -> Settings:
         health_listen=r.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
         workers=_workers(r),
         event_loop=_event_loop(r),
+        product_refresh_window=r.seconds("BROKER_PRODUCT_REFRESH_WINDOW", _D.product_refresh_window, allow_zero=True),
+        active_window=r.seconds("BROKER_ACTIVE_WINDOW", _D.active_window),
+        background_jitter=r.seconds("BROKER_BACKGROUND_JITTER", _D.background_jitter, allow_zero=True),
         worker_index=r.integer("BROKER_WORKER_INDEX", 0, 0, 1023) if r.raw("BROKER_WORKER_INDEX") else None,
         workers_dir=Path(d) if (d := r.raw("BROKER_WORKERS_DIR")) else None,
     )

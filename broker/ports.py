@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from broker.dbcrypt import DbKey
 from broker.errors import BrokerError
 from broker.model import Link, RefreshedTokens, Secret
+
+if TYPE_CHECKING:  # broker.refresh imports this module
+    from broker.refresh.schedule import Note
 
 
 class LockedLink(Protocol):
@@ -32,6 +35,11 @@ class LockedLink(Protocol):
 
     async def note_forced(self) -> None:
         """Record, in the locked transaction, that this refresh was forced by an upstream's rejection."""
+        ...
+
+    async def note_written(self, note: Note) -> None:
+        """Record, in the locked transaction, the refresh token being written (its SHA-256) and its next background
+        refresh, so that no replica takes this broker's own rotation for a foreign one."""
         ...
 
 

@@ -27,6 +27,7 @@ from broker.logs import UserLog
 from broker.model import Link, RefreshedTokens, Secret
 from broker.pgsocket import watch_socket
 from broker.reads import ReadLanes
+from broker.refresh.schedule import Note
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
@@ -41,6 +42,9 @@ ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 NOTE_FORCED = "SELECT token_broker.note_forced_refresh($1)"
 REJECT_ACCESS = "SELECT token_broker.reject_access_token($1, $2)"
+NOTE_LINKS = "SELECT * FROM token_broker.note_links($1, $2, $3, $4, $5, $6, $7, $8)"
+CLAIM_DUE = "SELECT * FROM token_broker.claim_due_refreshes($1, $2, $3)"
+UNSCHEDULE = "SELECT token_broker.unschedule_refresh($1)"
 PING = "SELECT 1"
 
 #: Errors after which the connection is dead or in an unknown state: it is terminated, never reused.
@@ -115,6 +119,15 @@ class _Locked:
         except _DB_ERRORS as exc:
             self.broken = not isinstance(exc, asyncpg.PostgresError)
             raise _translate(exc, "recording a forced refresh") from None
+
+    async def note_written(self, note: Note) -> None:
+        """Record, in the locked transaction, the refresh token this broker is writing (broker.refresh.background)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._conn.execute(NOTE_LINKS, *_note_args([note], seen=False, written=True, log_after=0.0))
+        except _DB_ERRORS as exc:
+            self.broken = not isinstance(exc, asyncpg.PostgresError)
+            raise _translate(exc, "recording the written refresh token") from None
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
@@ -350,3 +363,46 @@ async def _rollback(tx: asyncpg.transaction.Transaction, timeout: float) -> bool
     except _DB_ERRORS:
         return False
     return True
+
+
+class PostgresSchedule:
+    """ScheduleStore (broker.refresh.schedule) on the store's pool: active users, due background refreshes, and the
+    refresh token a broker last wrote or saw, in token_broker.refresh_schedule."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def note(
+        self, notes: Sequence[Note], *, seen: bool, log_after: float, timeout: float
+    ) -> list[tuple[UUID, bool]]:
+        args = _note_args(notes, seen=seen, written=False, log_after=log_after)
+        rows = await self._store.run(timeout, "noting active users", lambda c: c.fetch(NOTE_LINKS, *args))
+        return [(r["user_id"], bool(r["first_in_window"])) for r in rows]
+
+    async def claim_due(
+        self, limit: int, *, claim_seconds: float, active_seconds: float, timeout: float
+    ) -> list[tuple[UUID, bytes | None]]:
+        rows = await self._store.run(
+            timeout, "claiming due refreshes", lambda c: c.fetch(CLAIM_DUE, limit, claim_seconds, active_seconds)
+        )
+        return [(r["user_id"], r["refresh_sha256"]) for r in rows]
+
+    async def unschedule(self, user_id: UUID, *, timeout: float) -> None:
+        await self._store.run(timeout, "unscheduling a refresh", lambda c: c.execute(UNSCHEDULE, user_id))
+
+    async def note_written(self, note: Note, *, timeout: float) -> None:
+        args = _note_args([note], seen=False, written=True, log_after=0.0)
+        await self._store.run(timeout, "recording the written refresh token", lambda c: c.execute(NOTE_LINKS, *args))
+
+
+def _note_args(notes: Sequence[Note], *, seen: bool, written: bool, log_after: float) -> tuple[object, ...]:
+    return (
+        [n.user_id for n in notes],
+        [n.refresh_sha256 for n in notes],
+        [n.expiry for n in notes],
+        [n.ahead_seconds for n in notes],
+        [n.lifetime_seconds for n in notes],
+        seen,
+        written,
+        log_after,
+    )

@@ -14,6 +14,7 @@ from broker.model import AccountState, Link, TokenResult, TokenStatus, utcnow
 from broker.policy import Decision, decide, is_expired
 from broker.ports import LinkStore, NullObserver, RefreshObserver
 from broker.refresh import Refresher, RefreshSettings
+from broker.refresh.background import Activity
 from broker.refresh.rejections import RejectedAccessTokens
 from broker.refresh.writeback import WriteBack
 from broker.tracing import NULL_TRACER, Tracer
@@ -53,6 +54,7 @@ class TokenService:
         observer: RefreshObserver | None = None,
         tracer: Tracer = NULL_TRACER,
         clock: Callable[[], datetime] = utcnow,
+        activity: Activity | None = None,
     ) -> None:
         self._tracer = tracer
         self._observer: RefreshObserver = observer or NullObserver()
@@ -64,6 +66,11 @@ class TokenService:
         self._clock = clock
         self._lifetimes = Lifetimes()
         self._rejections = RejectedAccessTokens(store)
+        self._activity = activity
+
+    def lifetime(self, user_id: UUID) -> timedelta | None:
+        """The access-token lifetime this process last saw the IdP grant the user."""
+        return self._lifetimes.get(user_id)
 
     async def get_token(self, user_id: UUID, budget: float, rejected: bytes | None = None) -> TokenResult:
         """The user's token within `budget` seconds. `rejected`: SHA-256 of an access token an upstream refused."""
@@ -85,6 +92,8 @@ class TokenService:
         if link.unreadable is not None:
             UserLog(log, user_id).error("stored tokens cannot be read: %s", link.unreadable)
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
+        if self._activity is not None:
+            self._activity.seen(link)
         pending = self._writeback.reconcile(link)
         if rejected is not None:
             current = pending.tokens.access_token if pending is not None else link.access_token

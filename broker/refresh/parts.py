@@ -10,6 +10,7 @@ from broker.model import utcnow
 from broker.ports import GuardedIdp, LinkStore, RefreshObserver
 from broker.refresh.liveness import Liveness
 from broker.refresh.rejections import RejectedTokens
+from broker.refresh.schedule import BackgroundSettings
 from broker.refresh.settings import RefreshSettings
 from broker.refresh.writeback import WriteBack
 from broker.tracing import NULL_TRACER, Tracer
@@ -26,3 +27,4 @@ class RefreshParts:
     observer: RefreshObserver
     clock: Callable[[], datetime] = field(default=utcnow)
     tracer: Tracer = field(default=NULL_TRACER)
+    background: BackgroundSettings | None = None  # on: every write also records the new refresh token's hash

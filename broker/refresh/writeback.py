@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -54,8 +54,10 @@ class WriteBack:
         store_timeout: float,
         warn_after: float,
         clock: Callable[[], datetime] = utcnow,
+        on_landed: Callable[[UUID, RefreshedTokens], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        self._on_landed = on_landed
         self._liveness = liveness
         self._obs = observer
         self._timeout = store_timeout
@@ -149,6 +151,8 @@ class WriteBack:
         ok = await self._store.save_refreshed(p.previous, p.tokens, timeout=self._timeout)
         if ok:
             UserLog(log, user_id).info("rotated tokens written back")
+            if self._on_landed is not None:
+                await self._on_landed(user_id, p.tokens)
         else:
             UserLog(log, user_id).warning("rotated tokens not written: the link changed meanwhile (new login)")
         self._forget(user_id, p)

@@ -18,6 +18,7 @@ from uuid import UUID
 from broker.dbcrypt import DbKey
 from broker.errors import StoreUnavailable
 from broker.model import Link, RefreshedTokens, Secret
+from broker.refresh.schedule import Note
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -76,6 +77,7 @@ class FakeStore:
     events: list[str] = field(default_factory=list)
     forced_at: dict[UUID, float] = field(default_factory=dict)
     rejected_access: dict[UUID, bytes] = field(default_factory=dict)
+    written: list[Note] = field(default_factory=list)  # notes of written refresh tokens (background schedule)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -198,6 +200,9 @@ class FakeLocked:
 
     async def note_forced(self) -> None:
         self.store.forced_at[self.user_id] = self.store.clock.monotonic()
+
+    async def note_written(self, note: Note) -> None:
+        self.store.written.append(note)
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None
