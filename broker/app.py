@@ -119,6 +119,8 @@ class App:
         await self._health.set("", listeners.SERVING)
         await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
+        # The pool opens before the port is bound: a bound socket takes connections (with workers, SO_REUSEPORT
+        # hands this one a share of the pod's), so a worker that cannot reach the database must not bind.
         store = await self._open_store()
         service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)

@@ -106,19 +106,19 @@ async def watch_database(
     stopping: asyncio.Event,
     peers: WorkerReadiness | None = None,
 ) -> None:
-    """Readiness: the token service is SERVING only while the database answers (and, with workers, while every
-    worker says so); checked every `interval`, every 0.5 s while this worker waits for the others."""
-    serving: bool | None = None
+    """Readiness: the token service is SERVING only while the database answers (with workers: while at least one
+    worker's does, this one included, since a probe speaks for the pod); checked every `interval`."""
+    seen: tuple[bool, bool] | None = None
     while not stopping.is_set():
         own = await store.ping(timeout=min(interval, 2.0))
         ok = own
         if peers is not None:
             peers.report(own)
-            ok = own and peers.all_ready()
-        if ok != serving and not stopping.is_set():
-            serving = ok
-            await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
-            (log.info if ok else log.error)("readiness changed", extra={"serving": ok, "database": own})
-        wait = min(interval, 0.5) if own and not ok else interval
+            ok = own or peers.any_ready()
+        if (ok, own) != seen and not stopping.is_set():
+            if seen is None or ok != seen[0]:
+                await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
+            seen = (ok, own)
+            (log.info if own else log.error)("readiness changed", extra={"serving": ok, "database": own})
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), wait)
+            await asyncio.wait_for(stopping.wait(), interval)

@@ -8,6 +8,12 @@ holds across replicas: the row lock and the in-flight marker in PostgreSQL.
 The supervisor forwards SIGTERM/SIGINT to every worker at once (each drains by the usual rules), restarts a worker
 that died (with backoff), serves /metrics for all of them (prometheus-client's multiprocess mode), and keeps the
 port reserved when it was chosen by the kernel (port 0).
+
+Exit 2 from a worker means a configuration it refuses (the reason it left in the shared directory goes into the
+supervisor's line): every worker stops and the supervisor exits 2. Any other exit is restarted, including a worker
+that could not open its pool (exit 1): the others keep serving. A (re)starting worker opens its pool before it binds
+the port: until then the kernel sends it no connection (SO_REUSEPORT spreads connections over bound sockets only), so
+a worker that cannot reach the database never takes a call.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from types import FrameType
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.peers import WorkerReadiness
+from broker.peers import WorkerReadiness, take_refusal
 
 log = logging.getLogger("broker.supervisor")
 
@@ -131,11 +137,16 @@ class Supervisor:
                     stopped = 0 if code == -signal.SIGTERM else code
                     worst = max(worst, stopped if stopped >= 0 else 128 - stopped)
                     continue
-                if code == 2:  # a configuration error (printed by the worker): restarting cannot help
-                    log.error("worker refused its configuration; stopping", extra={"worker": worker.index})
+                if code == 2:  # a configuration error (and only that): restarting cannot help
+                    reason = take_refusal(shared, worker.index) or "no reason left; see the worker's output above"
+                    log.error(
+                        f"worker refused its configuration: {reason}; stopping every worker",
+                        extra={"worker": worker.index},
+                    )
                     worst = 2
                     self._on_signal(signal.SIGTERM, None)
                     continue
+                # Anything else (the database unreachable at start-up, a crash, an OOM kill) may pass: restart.
                 ran = now - worker.started
                 worker.backoff = _BACKOFF_FIRST if ran >= _STABLE_AFTER else min(worker.backoff * 2, _BACKOFF_MAX)
                 worker.restart_at = now + (0.0 if ran >= _STABLE_AFTER else worker.backoff)
