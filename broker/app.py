@@ -29,6 +29,7 @@ from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
 from broker.peers import WorkerReadiness
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
+from broker.procmetrics import RuntimeSnapshot
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.refresh.liveness import Liveness
@@ -153,9 +154,14 @@ class App:
 
     async def _worker_duties(self, supervisor: int) -> None:
         """Every second: the computed gauges for the shared metrics; and if the supervisor is gone (killed), this
-        worker stops as on SIGTERM rather than serve on as an orphan."""
+        worker stops as on SIGTERM rather than serve on as an orphan. Also its runtime metrics for the supervisor."""
+        s = self.settings
+        assert s.workers_dir is not None
+        assert s.worker_index is not None
+        runtime = RuntimeSnapshot(s.workers_dir, s.worker_index)
         while True:
             self.metrics.sample()
+            runtime.write()
             if os.getppid() != supervisor:
                 log.error("the supervisor is gone; stopping", extra={"worker": self.settings.worker_index})
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -33,6 +33,7 @@ from types import FrameType
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.peers import WorkerReadiness, take_refusal
+from broker.procmetrics import forget_runtime
 
 log = logging.getLogger("broker.supervisor")
 
@@ -74,7 +75,7 @@ class Supervisor:
             PROMETHEUS_MULTIPROC_DIR=str(shared / "metrics"),
         )
         (shared / "metrics").mkdir()
-        metrics_stop = self._serve_metrics(shared / "metrics") if s.metrics_listen else None
+        metrics_stop = self._serve_metrics(shared) if s.metrics_listen else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info(
             "token-broker supervisor serving",
@@ -130,6 +131,7 @@ class Supervisor:
                         proc.kill()
                     continue
                 WorkerReadiness.forget(shared, worker.index)
+                forget_runtime(shared, worker.index)
                 _mark_dead(shared / "metrics", proc.pid)
                 worker.proc = None
                 if self._stopping:
@@ -178,15 +180,21 @@ class Supervisor:
         self._reserved.append(sock)
         return f"{host}:{sock.getsockname()[1]}"
 
-    def _serve_metrics(self, directory: Path) -> Callable[[], None]:
+    def _serve_metrics(self, shared: Path) -> Callable[[], None]:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         from broker.metrics import serve_metrics
+        from broker.procmetrics import ProcessesCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]  # untyped
+        MultiProcessCollector(registry, path=str(shared / "metrics"))  # type: ignore[no-untyped-call]  # untyped
+        registry.register(ProcessesCollector(shared, self._live_workers))
         return serve_metrics(self._settings.metrics_listen, registry)[1]
+
+    def _live_workers(self) -> list[tuple[int, int]]:
+        """(index, pid) of the workers running (called on the metrics thread: reads, never reaps)."""
+        return [(w.index, p.pid) for w in self._workers if (p := w.proc) is not None and p.returncode is None]
 
 
 def _mark_dead(directory: Path, pid: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.v1 import token_broker_pb2 as pb
@@ -159,6 +160,75 @@ async def test_workers_share_the_port_and_one_scrape_counts_every_call(db: Datab
         assert valid == calls  # one scrape, every worker's calls
     finally:
         assert b.stop() == 0
+
+
+def started_at(pid: int) -> float:
+    """A process's start time as `process_start_time_seconds` computes it (boot time + start ticks)."""
+    boot = next(
+        float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+    )
+    ticks = float(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def by_worker(text: str, name: str, **labels: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.labels["worker"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    }
+
+
+async def test_every_process_has_its_process_metrics_labelled_by_worker(db: Database, tmp_path: Path) -> None:
+    """The supervisor's scrape has process_*, python_gc_* and python_info for itself and each worker."""
+    import httpx2
+
+    b = BrokerProcess(broker_env(db, BROKER_WORKERS="2"), tmp_path / "b.log", metrics=True)
+    try:
+        url = f"http://127.0.0.1:{b.metrics_port}/metrics"
+        every = {"supervisor", "0", "1"}
+        gc = "python_gc_objects_collected_total"
+        await until(lambda: set(by_worker(httpx2.get(url, timeout=5).text, gc, generation="0")) == every)
+        text = httpx2.get(url, timeout=5).text
+        for name in (
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
+            "python_gc_collections_total",
+            "python_info",
+        ):
+            assert set(by_worker(text, name)) == every, name
+        for name in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds"):
+            assert all(v > 0 for v in by_worker(text, name).values()), name
+        # Each series is its own process's: the start times are the supervisor's and the two workers'.
+        starts = by_worker(text, "process_start_time_seconds")
+        assert starts["supervisor"] == pytest.approx(started_at(b.proc.pid))
+        assert sorted([starts["0"], starts["1"]]) == pytest.approx(sorted(started_at(p) for p in workers_of(b)))
+    finally:
+        assert b.stop() == 0
+
+
+def test_the_charts_process_panels_and_alerts_sum_over_the_workers() -> None:
+    """With a series per process, every dashboard panel and alert on process metrics aggregates by pod."""
+    import re
+
+    import yaml
+
+    from tests.support.broker import ROOT
+
+    files = ROOT / "helm" / "token-broker" / "files"
+    panels = json.loads((files / "dashboard.json").read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    rules = yaml.safe_load((files / "alerts.yaml").read_text())["groups"]
+    exprs += [rule["expr"] for group in rules for rule in group["rules"]]
+    on_process = [e for e in exprs if re.search(r"\b(process|python)_", e)]
+    assert on_process  # the memory and CPU panels
+    for expr in on_process:
+        assert re.search(r"\b(sum|max|min|avg) by \([^)]*\bpod\b", expr), expr
 
 
 async def test_sigterm_stops_every_worker_at_once(db: Database, tmp_path: Path) -> None:
