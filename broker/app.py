@@ -27,7 +27,7 @@ from broker.idp import OidcRefresher
 from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
-from broker.peers import WorkerReadiness
+from broker.peers import WorkerReadiness, supervisor_pid
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
 from broker.procmetrics import RuntimeSnapshot
 from broker.refresh import Refresher, RefreshSettings
@@ -126,14 +126,14 @@ class App:
         service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
         self._stack.push_async_callback(service.refresher.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
+        readiness = listeners.Readiness(store, self._health, self.settings.health_interval, self._peers())
+        await readiness.check()  # before the port is bound: a worker's first probe answers for the pod
         await self._start_listeners(self._server)
-        readiness = asyncio.create_task(
-            listeners.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
-            name="readiness",
-        )
-        self._stack.push_async_callback(_cancel, readiness)
+        watching = asyncio.create_task(readiness.watch(self._stopping), name="readiness")
+        self._stack.push_async_callback(_cancel, watching)
         if self.settings.workers_dir is not None:
-            duties = asyncio.create_task(self._worker_duties(os.getppid()), name="worker-duties")
+            supervisor = supervisor_pid(self.settings.workers_dir)
+            duties = asyncio.create_task(self._worker_duties(supervisor), name="worker-duties")
             self._stack.push_async_callback(_cancel, duties)
         log.info(
             "token-broker serving",
@@ -160,12 +160,13 @@ class App:
         assert s.worker_index is not None
         runtime = RuntimeSnapshot(s.workers_dir, s.worker_index)
         while True:
-            self.metrics.sample()
-            runtime.write()
             if os.getppid() != supervisor:
                 log.error("the supervisor is gone; stopping", extra={"worker": self.settings.worker_index})
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            self.metrics.sample()
+            with contextlib.suppress(OSError):  # a full disk must not end the check above
+                runtime.write()
             await asyncio.sleep(1.0)
 
     async def _open_store(self) -> LinkStore:

@@ -99,26 +99,40 @@ def start_metrics(listen: str, registry: CollectorRegistry, stack: AsyncExitStac
     return port
 
 
-async def watch_database(
-    store: LinkStore,
-    health_servicer: health.aio.HealthServicer,
-    interval: float,
-    stopping: asyncio.Event,
-    peers: WorkerReadiness | None = None,
-) -> None:
-    """Readiness: the token service is SERVING only while the database answers (with workers: while at least one
-    worker's does, this one included, since a probe speaks for the pod); checked every `interval`."""
-    seen: tuple[bool, bool] | None = None
-    while not stopping.is_set():
-        own = await store.ping(timeout=min(interval, 2.0))
+class Readiness:
+    """The token service's readiness: SERVING only while the database answers (with workers: while at least one
+    worker's does, this one included, since a probe speaks for the pod)."""
+
+    def __init__(
+        self,
+        store: LinkStore,
+        health_servicer: health.aio.HealthServicer,
+        interval: float,
+        peers: WorkerReadiness | None = None,
+    ) -> None:
+        self._store = store
+        self._health = health_servicer
+        self._interval = interval
+        self._peers = peers
+        self._seen: tuple[bool, bool] | None = None
+
+    async def check(self) -> None:
+        """Once: the first time before the port is bound, so that no probe meets a worker that has not decided."""
+        own = await self._store.ping(timeout=min(self._interval, 2.0))
         ok = own
-        if peers is not None:
-            peers.report(own)
-            ok = own or peers.any_ready()
-        if (ok, own) != seen and not stopping.is_set():
-            if seen is None or ok != seen[0]:
-                await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
-            seen = (ok, own)
+        if self._peers is not None:
+            self._peers.report(own)
+            ok = own or self._peers.any_ready()
+        if (ok, own) != self._seen:
+            if self._seen is None or ok != self._seen[0]:
+                await self._health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
+            self._seen = (ok, own)
             (log.info if own else log.error)("readiness changed", extra={"serving": ok, "database": own})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), interval)
+
+    async def watch(self, stopping: asyncio.Event) -> None:
+        """Check every `interval` until `stopping`."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self._interval)
+            if not stopping.is_set():
+                await self.check()

@@ -7,6 +7,7 @@ ready: a worker that died or is restarting has no bound socket, so the kernel se
 serve the pod's calls meanwhile. A worker that hangs stops refreshing its record, which then no longer counts.
 
 Refusals: a worker that refuses its configuration (exit 2) leaves the reason there, for the supervisor's own line.
+The supervisor leaves its pid there, for the workers' check that it still runs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ class WorkerReadiness:
             except OSError:
                 continue
         return False
+
+
+def record_supervisor(directory: Path) -> None:
+    """In the supervisor, before it starts a worker: its pid, for the workers' orphan check."""
+    (directory / "supervisor.pid").write_text(str(os.getpid()))
+
+
+def supervisor_pid(directory: Path) -> int:
+    """In a worker: its supervisor's pid. Read rather than taken from getppid() when the worker has started: a worker
+    whose supervisor died while it was starting has been re-parented by then, and must still see it gone."""
+    try:
+        return int((directory / "supervisor.pid").read_text())
+    except (OSError, ValueError):
+        return os.getppid()
 
 
 def record_refusal(env: Mapping[str, str], reason: str) -> None:

@@ -32,7 +32,7 @@ from types import FrameType
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.peers import WorkerReadiness, take_refusal
+from broker.peers import WorkerReadiness, record_supervisor, take_refusal
 from broker.procmetrics import forget_runtime
 
 log = logging.getLogger("broker.supervisor")
@@ -75,6 +75,7 @@ class Supervisor:
             PROMETHEUS_MULTIPROC_DIR=str(shared / "metrics"),
         )
         (shared / "metrics").mkdir()
+        record_supervisor(shared)
         metrics_stop = self._serve_metrics(shared) if s.metrics_listen else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info(
