@@ -90,11 +90,6 @@ def audited_by(log: Path, worker: int) -> int:
     return sum(1 for e in entries(log, "") if e.get("audit") and e.get("worker") == worker)
 
 
-async def every_worker_serving(b: BrokerProcess, count: int = 2) -> None:
-    """BrokerProcess returns once the pod is ready, that is once one worker serves: wait for every worker."""
-    await until(lambda: len(entries(b.log_path, "token-broker serving")) >= count, timeout=30)
-
-
 async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -158,7 +153,6 @@ async def test_workers_share_the_port_and_one_scrape_counts_every_call(db: Datab
     await db.insert_link(uid, "tok", "ref", datetime.now(UTC) + timedelta(hours=1))
     b = BrokerProcess(broker_env(db, BROKER_WORKERS="2"), tmp_path / "b.log", metrics=True)
     try:
-        await every_worker_serving(b)
         assert len(workers_of(b)) == 2
         calls = 0
         for _ in range(40):
@@ -210,7 +204,6 @@ async def test_every_process_has_its_process_metrics_labelled_by_worker(db: Data
 
     b = BrokerProcess(broker_env(db, BROKER_WORKERS="2"), tmp_path / "b.log", metrics=True)
     try:
-        await every_worker_serving(b)
         url = f"http://127.0.0.1:{b.metrics_port}/metrics"
         every = {"supervisor", "0", "1"}
         gc = "python_gc_objects_collected_total"
@@ -271,7 +264,6 @@ async def test_the_pod_stays_ready_while_a_killed_worker_restarts(db: Database, 
     env = broker_env(db, BROKER_WORKERS="2", BROKER_HEALTH_INTERVAL="2")
     b = BrokerProcess(env, tmp_path / "b.log")
     try:
-        await every_worker_serving(b)
         first, second = workers_of(b)
         os.kill(second, signal.SIGKILL)  # an OOM kill
         await until(lambda: gone(second))  # its socket is closed: no new connection can queue on it
@@ -308,7 +300,6 @@ async def test_a_worker_restarting_while_the_database_is_unreachable_leaves_the_
         # The broker's calls pass through the proxy, which runs on this event loop: nothing here may block it.
         b = await asyncio.to_thread(BrokerProcess, env, tmp_path / "b.log")
         try:
-            await every_worker_serving(b)
             _, second = workers_of(b)
             proxy.refuse_new()
             os.kill(second, signal.SIGKILL)
@@ -348,7 +339,6 @@ async def test_one_refresh_across_workers(db: Database, idp: OidcTestProvider, t
     b = BrokerProcess(broker_env(db, idp, BROKER_WORKERS="2"), tmp_path / "b.log")
     before = idp.stats()
     try:
-        await every_worker_serving(b)
         channels = [
             grpc.aio.insecure_channel(b.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(20)
         ]
@@ -439,7 +429,7 @@ async def test_serve_with_the_database_unreachable_exits_1_not_2(tmp_path: Path)
 
 async def test_workers_stop_when_the_supervisor_is_killed(db: Database, tmp_path: Path) -> None:
     b = BrokerProcess(broker_env(db, BROKER_WORKERS="2"), tmp_path / "b.log")
-    workers = workers_of(b)  # one of them may still be starting (the pod is ready once one serves)
+    workers = workers_of(b)
     try:
         os.kill(b.proc.pid, signal.SIGKILL)  # the supervisor alone (an OOM kill, say)
         b.proc.wait()
@@ -460,7 +450,6 @@ async def test_a_worker_starting_when_its_supervisor_is_killed_stops_too(db: Dat
         env = broker_env(db, BROKER_WORKERS="2", BROKER_DATABASE_URL=url, BROKER_REQUEST_TIMEOUT="30")
         b = await asyncio.to_thread(BrokerProcess, env, tmp_path / "b.log")
         try:
-            await every_worker_serving(b)
             first, second = workers_of(b)
             proxy.silence()  # a new worker's connections hang: it stays in start-up
             os.kill(second, signal.SIGKILL)
