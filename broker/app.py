@@ -31,8 +31,9 @@ from broker.interceptors import RpcEntry
 from broker.mesh import MeshIdentity
 from broker.metrics import Metrics
 from broker.model import RefreshedTokens, utcnow
-from broker.peers import WorkerReadiness
+from broker.peers import WorkerReadiness, supervisor_pid
 from broker.ports import Gatekeeper, GuardedIdp, IdentityProvider, LinkStore
+from broker.procmetrics import RuntimeSnapshot
 from broker.refresh import Refresher, RefreshSettings
 from broker.refresh.background import Activity, BackgroundRefresh
 from broker.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
@@ -183,6 +184,8 @@ class App:
         await self._health.set("", listeners.SERVING)
         await self._health.set(SERVICE_NAME, listeners.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
+        # The pool opens before the port is bound: a bound socket takes connections (with workers, SO_REUSEPORT
+        # hands this one a share of the pod's), so a worker that cannot reach the database must not bind.
         store = await self._open_store()
         schedule = PostgresSchedule(store) if isinstance(store, PostgresStore) else None
         service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer, schedule)
@@ -191,16 +194,16 @@ class App:
             background = asyncio.create_task(service.background.run(), name="background-refresh")
             self._stack.push_async_callback(_cancel, background)
         self._server = self._build_server(service, gatekeeper)
-        await self._start_listeners(self._server)
-        readiness = asyncio.create_task(
-            listeners.watch_database(
-                store, self._health, self.settings.health_interval, self._stopping, self._peers(), self._gate(store)
-            ),
-            name="readiness",
+        readiness = listeners.Readiness(
+            store, self._health, self.settings.health_interval, self._peers(), self._gate(store)
         )
-        self._stack.push_async_callback(_cancel, readiness)
+        await readiness.check()  # before the port is bound: a worker's first probe answers for the pod
+        await self._start_listeners(self._server)
+        watching = asyncio.create_task(readiness.watch(self._stopping), name="readiness")
+        self._stack.push_async_callback(_cancel, watching)
         if self.settings.workers_dir is not None:
-            duties = asyncio.create_task(self._worker_duties(os.getppid()), name="worker-duties")
+            supervisor = supervisor_pid(self.settings.workers_dir)
+            duties = asyncio.create_task(self._worker_duties(supervisor), name="worker-duties")
             self._stack.push_async_callback(_cancel, duties)
         log.info(
             "token-broker serving",
@@ -225,13 +228,19 @@ class App:
 
     async def _worker_duties(self, supervisor: int) -> None:
         """Every second: the computed gauges for the shared metrics; and if the supervisor is gone (killed), this
-        worker stops as on SIGTERM rather than serve on as an orphan."""
+        worker stops as on SIGTERM rather than serve on as an orphan. Also its runtime metrics for the supervisor."""
+        s = self.settings
+        assert s.workers_dir is not None
+        assert s.worker_index is not None
+        runtime = RuntimeSnapshot(s.workers_dir, s.worker_index)
         while True:
-            self.metrics.sample()
             if os.getppid() != supervisor:
                 log.error("the supervisor is gone; stopping", extra={"worker": self.settings.worker_index})
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            self.metrics.sample()
+            with contextlib.suppress(OSError):  # a full disk must not end the check above
+                runtime.write()
             await asyncio.sleep(1.0)
 
     async def _open_store(self) -> LinkStore:

@@ -227,6 +227,7 @@ async def test_a_primary_key_the_database_does_not_vouch_for_stops_start_up(prod
     await app.stop()
     assert b64(key) not in str(err.value)
     assert key_digest(key) in str(err.value)
+    assert "BROKER_ENCRYPTION_KEYS" in str(err.value)  # names the setting to fix
 
 
 def test_bad_keys_are_a_configuration_error_without_the_value() -> None:

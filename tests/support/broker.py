@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -170,11 +172,26 @@ class BrokerProcess:
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service="broker.v1.TokenBroker"), timeout=1)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        self._wait_every_worker(deadline)
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
         raise RuntimeError("broker did not become ready")
+
+    def _wait_every_worker(self, deadline: float) -> None:
+        """With workers the pod is ready once one serves: wait until every worker does (as the log says)."""
+        while True:
+            entries = []
+            for line in self.log_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # the line being written
+                    entries.append(json.loads(line))
+            workers = next((e["workers"] for e in entries if e.get("msg") == "token-broker supervisor serving"), 0)
+            if sum(e.get("msg") == "token-broker serving" for e in entries) >= workers:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every worker started: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL the replica's process group, as an OOM kill or a lost node would."""
