@@ -23,6 +23,11 @@ from broker.urls import check_url, is_loopback_host
 
 #: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: BROKER_TRUSTED_PROXY_IDENTITY's values: no sidecar, Envoy/Istio's XFCC header, Linkerd's l5d-client-id.
+PROXY_IDENTITY_MODES = ("none", "xfcc", "l5d")
+#: Where a local sidecar's connections come from: Linkerd's proxy and Envoy with localhost forwarding use the
+#: loopback address; Istio's inbound passthrough uses 127.0.0.6 as the source of the forwarded connection.
+DEFAULT_TRUSTED_PEERS = ("127.0.0.1", "::1", "127.0.0.6")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 
@@ -116,7 +121,7 @@ class Settings:
     """Set by the supervisor, not by operators (BROKER_WORKER_INDEX): this process is worker N of BROKER_WORKERS."""
     workers_dir: Path | None = None
     """Set by the supervisor (BROKER_WORKERS_DIR): where the workers share readiness and metrics."""
-    trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
+    trusted_proxy_addresses: tuple[str, ...] = DEFAULT_TRUSTED_PEERS
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
     tracing: bool = False
@@ -311,7 +316,7 @@ def _event_loop(r: EnvReader) -> str:
 
 def _proxy_mode(r: EnvReader) -> str:
     mode = (r.raw("BROKER_TRUSTED_PROXY_IDENTITY") or _D.trusted_proxy_identity).lower()
-    if mode not in ("none", "xfcc", "l5d"):
+    if mode not in PROXY_IDENTITY_MODES:
         r.errors.append("BROKER_TRUSTED_PROXY_IDENTITY: must be none, xfcc or l5d")
     return mode
 

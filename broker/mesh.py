@@ -16,11 +16,6 @@ from typing import Any
 
 log = logging.getLogger("broker.auth")
 
-MODES = ("none", "xfcc", "l5d")
-#: Where a local sidecar's connections come from: Linkerd's proxy and Envoy with localhost forwarding use the
-#: loopback address; Istio's inbound passthrough uses 127.0.0.6 as the source of the forwarded connection.
-DEFAULT_TRUSTED_PEERS = ("127.0.0.1", "::1", "127.0.0.6")
-
 
 class MalformedHeader(ValueError):
     """The XFCC header is not well formed, or its last element is not one the sidecar can have written."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
@@ -113,3 +114,14 @@ class TokenResult:
     @staticmethod
     def empty(status: TokenStatus) -> TokenResult:
         return TokenResult(status)
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def parse_sha256_hex(text: str) -> bytes:
+    """A SHA-256 digest written in hex (64 characters, either case) as bytes; ValueError for anything else. The one
+    rule for a caller token's digest in BROKER_CALLER_TOKENS_FILE and a reported rejected token."""
+    if len(text) != 64 or not _SHA256_HEX.fullmatch(text):
+        raise ValueError("not a SHA-256 hex digest")
+    return bytes.fromhex(text)
