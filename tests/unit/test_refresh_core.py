@@ -385,7 +385,8 @@ class TestWriteBack:
         store.faults.save_refreshed = 2 * len(users)  # every entry fails at least once, then lands
         for user in users:
             wb.hold(user, Pending(store.rows[user], tokens(1, clock)))
-        retries = [weakref.ref(t) for t in asyncio.all_tasks() if t.get_name().startswith("write-back:")]
+        names = {f"write-back:{u}" for u in users}
+        retries = [weakref.ref(t) for t in asyncio.all_tasks() if t.get_name() in names]
         assert len(retries) == len(users)
         for _ in range(300):
             await asyncio.sleep(0.01)
