@@ -59,7 +59,8 @@ class Settings:
     at most half the pool, and at least one connection is always left for the short statements (pool_shares)."""
     db_statement_cache: bool = True
     """BROKER_DB_STATEMENT_CACHE: asyncpg's prepared-statement cache. Set false behind PgBouncer in transaction
-    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0)."""
+    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0);
+    left on there, the first prepared statement the pooler loses turns it off (one WARNING)."""
     listen: str = "127.0.0.1:50051"
     """BROKER_LISTEN: host:port of the gRPC server."""
     metrics_listen: str = "127.0.0.1:9464"
