@@ -110,16 +110,18 @@ async def test_a_batch_whose_callers_all_timed_out_keeps_the_lanes_connection(db
 
     async with postgres_store(db) as store:
         lanes = ReadLanes(store, fetch, lambda exc: isinstance(exc, asyncpg.PostgresError), lanes=1)
-        slow = asyncio.create_task(lanes.get("slow", 5))
-        await asyncio.sleep(0.1)  # the one lane is busy
-        gave_up = [asyncio.create_task(lanes.get(f"late-{i}", 0.05)) for i in range(10)]
-        for task in gave_up:
-            with pytest.raises(TimeoutError):
-                await task
-        first_pid = await slow
-        assert await lanes.get("next", 5) == first_pid  # the same server process: the connection was kept
-        assert store.pool_stats() == (1, 1)  # and no second one was opened
-        await lanes.close()
+        try:
+            slow = asyncio.create_task(lanes.get("slow", 5))
+            await asyncio.sleep(0.1)  # the one lane is busy
+            gave_up = [asyncio.create_task(lanes.get(f"late-{i}", 0.05)) for i in range(10)]
+            for task in gave_up:
+                with pytest.raises(TimeoutError):
+                    await task
+            first_pid = await slow
+            assert await lanes.get("next", 5) == first_pid  # the same server process: the connection was kept
+            assert store.pool_stats() == (1, 1)  # and no second one was opened
+        finally:
+            await lanes.close()  # before the pool closes: it waits for the lane's connection
 
 
 # -- 5. write-back retry tasks ------------------------------------------------------------------------------------
