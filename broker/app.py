@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from broker import __version__, listeners
 from broker.auth import CallerGate, CallerTokens, load_caller_tokens
 from broker.circuit import CircuitBreaker
-from broker.config import Settings
+from broker.config import Settings, pool_shares
 from broker.dbcrypt import Cipher, parse_keys
 from broker.elevated import ElevatedRoleGate
 from broker.errors import StoreUnavailable
@@ -259,8 +259,8 @@ class App:
         cipher = None
         if s.encryption_keys is not None:
             cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
-        # Two connections are held for valid-token reads (half the pool at most); the rest serve refreshes.
-        store = PostgresStore(pool, cipher, read_connections=max(1, min(2, s.db_pool_max // 2)))
+        # A few connections are held for valid-token reads; refreshes get theirs, and one is always left over.
+        store = PostgresStore(pool, cipher, read_connections=pool_shares(s.db_pool_max)[0])
         self._stack.push_async_callback(store.close)  # before the pool closes: it waits for held connections
         self.metrics.bind_pool(store.pool_stats)
         if cipher is not None:

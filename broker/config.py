@@ -30,6 +30,17 @@ PROXY_IDENTITY_MODES = ("none", "xfcc", "l5d")
 DEFAULT_TRUSTED_PEERS = ("127.0.0.1", "::1", "127.0.0.6")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+#: The smallest BROKER_DB_POOL_MAX that serves: a connection held for reads, a refresh holding its row lock, and one
+#: for the short statements (that refresh's in-flight marker, heartbeats, write-backs, the readiness check).
+DB_POOL_SMALLEST = 3
+
+
+def pool_shares(pool_max: int) -> tuple[int, int]:
+    """(connections held for reads, refreshes at once) in a pool of `pool_max`. The rest, at least one connection,
+    serves the short statements: a refresh that holds its row lock always gets a connection for its in-flight marker,
+    and the readiness check one for its ping."""
+    reads = 2 if pool_max >= 6 else 1
+    return reads, max(1, min(pool_max // 2, pool_max - reads - 1))
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,13 @@ class Settings:
     db_pool_min: int = 1
     """BROKER_DB_POOL_MIN."""
     db_pool_max: int = 10
-    """BROKER_DB_POOL_MAX (at least 2): a refresh holds its locked connection across the IdP call and briefly a
-    second one for the in-flight marker; refreshes use at most half of the pool."""
+    """BROKER_DB_POOL_MAX (at least 3, DB_POOL_SMALLEST): up to 2 connections are held for reads (1 below 6), and a
+    refresh holds one across the IdP call and briefly needs another for its in-flight marker; refreshes at once are
+    at most half the pool, and at least one connection is always left for the short statements (pool_shares)."""
     db_statement_cache: bool = True
     """BROKER_DB_STATEMENT_CACHE: asyncpg's prepared-statement cache. Set false behind PgBouncer in transaction
-    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0)."""
+    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0);
+    left on there, the first prepared statement the pooler loses turns it off (one WARNING)."""
     listen: str = "127.0.0.1:50051"
     """BROKER_LISTEN: host:port of the gRPC server."""
     metrics_listen: str = "127.0.0.1:9464"
@@ -223,7 +236,7 @@ def _read(r: EnvReader) -> Settings:
         db_service_role=role,
         encryption_keys=_keys(r),
         db_pool_min=r.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
-        db_pool_max=r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
+        db_pool_max=_pool_max(r),
         db_statement_cache=r.boolean("BROKER_DB_STATEMENT_CACHE", _D.db_statement_cache),
         listen=r.address("BROKER_LISTEN", _D.listen),
         metrics_listen=r.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
@@ -277,6 +290,16 @@ def _read(r: EnvReader) -> Settings:
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
+
+
+def _pool_max(r: EnvReader) -> int:
+    size = r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 1, 1000)
+    if size < DB_POOL_SMALLEST:
+        r.errors.append(
+            f"BROKER_DB_POOL_MAX: at least {DB_POOL_SMALLEST}, not {size} (a connection for reads, one for a refresh "
+            "holding its row lock, and one for its in-flight marker and the readiness check)"
+        )
+    return size
 
 
 def _workers(r: EnvReader) -> int:

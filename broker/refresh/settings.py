@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from broker.config import Settings
+from broker.config import Settings, pool_shares
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,5 +49,5 @@ class RefreshSettings:
             forced_interval=s.forced_refresh_interval,
             persist_warn_after=s.persist_retry_seconds,
             store_timeout=s.request_timeout,
-            max_concurrent=max(1, s.db_pool_max // 2),
+            max_concurrent=pool_shares(s.db_pool_max)[1],
         )

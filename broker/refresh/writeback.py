@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -76,7 +77,9 @@ class WriteBack:
         self._liveness.hold(user_id, pending.previous_refresh)
         task = self._tasks.get(user_id)
         if task is None or task.done():
-            self._tasks[user_id] = asyncio.create_task(self._retry(user_id), name=f"write-back:{user_id}")
+            task = asyncio.create_task(self._retry(user_id), name=f"write-back:{user_id}")
+            self._tasks[user_id] = task
+            task.add_done_callback(functools.partial(self._retired, user_id))
 
     def pending(self, user_id: UUID) -> Pending | None:
         return self._pending.get(user_id)
@@ -146,6 +149,12 @@ class WriteBack:
                     )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
+
+    def _retired(self, user_id: UUID, task: asyncio.Task[None]) -> None:
+        """A retry task that ended is dropped (one per user whose write-back ever failed would otherwise be kept for
+        the life of the process); a newer one for the same user is kept."""
+        if self._tasks.get(user_id) is task:
+            del self._tasks[user_id]
 
     async def _attempt(self, user_id: UUID, p: Pending) -> None:
         ok = await self._store.save_refreshed(p.previous, p.tokens, timeout=self._timeout)

@@ -263,7 +263,7 @@ async def test_a_valid_token_costs_one_database_round_trip(db: Database) -> None
 
     async def run(calls: int) -> int:
         before = await commits()
-        env = broker_env(db, BROKER_HEALTH_INTERVAL="3600", BROKER_DB_POOL_MIN="1", BROKER_DB_POOL_MAX="2")
+        env = broker_env(db, BROKER_HEALTH_INTERVAL="3600", BROKER_DB_POOL_MIN="1", BROKER_DB_POOL_MAX="3")
         async with running_broker(env) as b:
             for _ in range(calls):
                 assert (await b.get(uid)).status == pb.TOKEN_STATUS_VALID

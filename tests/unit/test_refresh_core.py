@@ -4,8 +4,10 @@ write-back, and failures staged at each await. No sockets; the integration tests
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -369,6 +371,34 @@ class TestWriteBack:
                 break
         assert store.rows[user].refresh_token.reveal() == "refresh-1"
         assert user not in store.markers
+        await liveness.close()
+
+    async def test_a_retry_task_is_dropped_once_its_entry_landed(self) -> None:
+        """One task per user whose write-back failed; each is released once it landed (not kept for good)."""
+        clock = FakeClock()
+        store = FakeStore(clock)
+        users = [uuid.uuid4() for _ in range(20)]
+        for user in users:
+            store.put(link(user, 0, clock.now()))
+        liveness = Liveness(store, 0.01)
+        wb = WriteBack(store, liveness, NullObserver(), store_timeout=1.0, warn_after=30.0, clock=clock.now)
+        store.faults.save_refreshed = 2 * len(users)  # every entry fails at least once, then lands
+        for user in users:
+            wb.hold(user, Pending(store.rows[user], tokens(1, clock)))
+        names = {f"write-back:{u}" for u in users}
+        retries = [weakref.ref(t) for t in asyncio.all_tasks() if t.get_name() in names]
+        assert len(retries) == len(users)
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if not len(wb):
+                break
+        assert {store.rows[u].refresh_token.reveal() for u in users} == {"refresh-1"}
+        for _ in range(100):  # the tasks end right after their entry landed
+            await asyncio.sleep(0.01)
+            gc.collect()
+            if all(r() is None for r in retries):
+                break
+        assert [r() for r in retries if r() is not None] == []
         await liveness.close()
 
 
