@@ -7,7 +7,7 @@ NODE_STAMP := tests/idp/node_modules/.installed clients/node/node_modules/.insta
 SYSTEM_STAMP := $(VENV)/.installed-system
 TOOLS  := .tools
 
-.PHONY: install run test unit lint fmt typecheck precommit proto proto-check docs docs-check buf check bench helm-lint clean
+.PHONY: install run test unit lint fmt typecheck precommit proto proto-check docs docs-check buf check bench helm-lint go-example clean
 
 install: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 
@@ -90,6 +90,14 @@ helm-lint: $(STAMP)
 bench: $(STAMP) $(NODE_STAMP) $(SYSTEM_STAMP)
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(PY) -m bench.run
+
+# The Go chat-worker example (examples/go/chatworker), built offline (examples/go/offline-go: GOPATH mode against
+# Debian's grpc-go sources, no module proxy) and run against a broker, `make run`'s by default; prints the upstream's
+# HTTP status.  make go-example UPSTREAM=http://127.0.0.1:8080/mcp USER_ID=<uuid> [BROKER=host:port]
+BROKER ?= 127.0.0.1:50051
+go-example: $(STAMP) $(SYSTEM_STAMP)
+	examples/go/offline-go build -o $(TOOLS)/bin/chatworker ./examples/go/chatworker && \
+		$(TOOLS)/bin/chatworker -broker '$(BROKER)' -upstream '$(UPSTREAM)' '$(USER_ID)'
 
 # Everything CI runs (.ci/run is `make check`): the README's test command first, then the static checks.
 check: test lint typecheck precommit proto-check docs-check buf helm-lint

@@ -69,7 +69,7 @@ async def elevation_round_trips(admin_url: str, service_url: str, user: uuid.UUI
         )
 
         async def via_function() -> None:
-            await fn.fetchrow("SELECT * FROM token_broker.get_oidc_link($1)", user)
+            await fn.fetchrow("SELECT * FROM token_broker.read_oidc_link($1)", user)
 
         async def via_set_role() -> None:
             async with setrole.transaction():

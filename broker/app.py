@@ -20,11 +20,11 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from broker import __version__
-from broker.config import Settings
-from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
+from broker.config import Settings, pool_shares
+from broker.core import BackgroundSettings, CircuitSettings, Domain, RefreshSettings, ScheduleStore, build_domain
 from broker.core.interfaces import Gatekeeper, IdentityProvider, LinkStore
 from broker.idp import OidcRefresher
-from broker.postgres import Cipher, PostgresStore, parse_keys
+from broker.postgres import Cipher, ElevatedRoleGate, PostgresSchedule, PostgresStore, parse_keys
 from broker.server import (
     SERVICE_NAME,
     CallerGate,
@@ -38,7 +38,8 @@ from broker.server import (
 )
 from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 from broker.telemetry.metrics import Metrics
-from broker.workers import WorkerReadiness
+from broker.telemetry.procmetrics import RuntimeSnapshot
+from broker.workers import WorkerReadiness, supervisor_pid
 
 log = logging.getLogger("broker.app")
 
@@ -62,7 +63,20 @@ def refresh_settings(s: Settings) -> RefreshSettings:
         forced_interval=s.forced_refresh_interval,
         persist_warn_after=s.persist_retry_seconds,
         store_timeout=s.request_timeout,
-        max_concurrent=max(1, s.db_pool_max // 2),
+        max_concurrent=pool_shares(s.db_pool_max)[1],
+    )
+
+
+def background_settings(s: Settings, rs: RefreshSettings) -> BackgroundSettings | None:
+    """The background refresh of active users' tokens (None: off, BROKER_PRODUCT_REFRESH_WINDOW=0)."""
+    if s.product_refresh_window <= 0:
+        return None
+    return BackgroundSettings(
+        product_window=s.product_refresh_window,
+        active_window=s.active_window,
+        jitter=s.background_jitter,
+        claim_seconds=rs.hold_timeout + rs.store_timeout,
+        refresh_seconds=rs.idp_timeout,
     )
 
 
@@ -72,10 +86,24 @@ def build_service(
     idp: IdentityProvider | None,
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
+    schedule: ScheduleStore | None = None,
 ) -> Service:
-    """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
+    """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O. With a
+    `schedule` (and an IdP), active users' tokens are refreshed in the background."""
+    rs = refresh_settings(settings)
+    bs = background_settings(settings, rs) if schedule is not None and idp is not None else None
     circuit = CircuitSettings(settings.circuit_failures, settings.circuit_open_seconds)
-    domain = build_domain(refresh_settings(settings), circuit, store, idp, metrics, tracer)
+    domain = build_domain(
+        rs,
+        circuit,
+        store,
+        idp,
+        metrics,
+        tracer,
+        background=bs,
+        schedule=schedule,
+        on_foreign_rotation=metrics.foreign_rotations.inc,
+    )
     metrics.bind_unpersisted(domain.unpersisted)
     return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout), domain)
 
@@ -121,18 +149,26 @@ class App:
         await self._health.set("", listen.SERVING)
         await self._health.set(SERVICE_NAME, listen.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
+        # The pool opens before the port is bound: a bound socket takes connections (with workers, SO_REUSEPORT
+        # hands this one a share of the pod's), so a worker that cannot reach the database must not bind.
         store = await self._open_store()
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
+        schedule = PostgresSchedule(store) if isinstance(store, PostgresStore) else None
+        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer, schedule)
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
+        if service.domain.background is not None:
+            background = asyncio.create_task(service.domain.background.run(), name="background-refresh")
+            self._stack.push_async_callback(_cancel, background)
         self._server = self._build_server(service, gatekeeper)
-        await self._start_listeners(self._server)
-        readiness = asyncio.create_task(
-            listen.watch_database(store, self._health, self.settings.health_interval, self._stopping, self._peers()),
-            name="readiness",
+        readiness = listen.Readiness(
+            store, self._health, self.settings.health_interval, self._peers(), self._gate(store)
         )
-        self._stack.push_async_callback(_cancel, readiness)
+        await readiness.check()  # before the port is bound: a worker's first probe answers for the pod
+        await self._start_listeners(self._server)
+        watching = asyncio.create_task(readiness.watch(self._stopping), name="readiness")
+        self._stack.push_async_callback(_cancel, watching)
         if self.settings.workers_dir is not None:
-            duties = asyncio.create_task(self._worker_duties(os.getppid()), name="worker-duties")
+            supervisor = supervisor_pid(self.settings.workers_dir)
+            duties = asyncio.create_task(self._worker_duties(supervisor), name="worker-duties")
             self._stack.push_async_callback(_cancel, duties)
         log.info(
             "token-broker serving",
@@ -145,6 +181,10 @@ class App:
             },
         )
 
+    def _gate(self, store: LinkStore) -> ElevatedRoleGate | None:
+        """Readiness waits for the elevated role to be safe (a role pre-created with LOGIN or members is refused)."""
+        return ElevatedRoleGate(store, self.settings.db_service_role) if isinstance(store, PostgresStore) else None
+
     def _peers(self) -> WorkerReadiness | None:
         s = self.settings
         if s.workers_dir is None or s.worker_index is None:
@@ -153,13 +193,19 @@ class App:
 
     async def _worker_duties(self, supervisor: int) -> None:
         """Every second: the computed gauges for the shared metrics; and if the supervisor is gone (killed), this
-        worker stops as on SIGTERM rather than serve on as an orphan."""
+        worker stops as on SIGTERM rather than serve on as an orphan. Also its runtime metrics for the supervisor."""
+        s = self.settings
+        assert s.workers_dir is not None
+        assert s.worker_index is not None
+        runtime = RuntimeSnapshot(s.workers_dir, s.worker_index)
         while True:
-            self.metrics.sample()
             if os.getppid() != supervisor:
                 log.error("the supervisor is gone; stopping", extra={"worker": self.settings.worker_index})
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            self.metrics.sample()
+            with contextlib.suppress(OSError):  # a full disk must not end the check above
+                runtime.write()
             await asyncio.sleep(1.0)
 
     async def _open_store(self) -> LinkStore:
@@ -178,8 +224,8 @@ class App:
         cipher = None
         if s.encryption_keys is not None:
             cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
-        # Two connections are held for valid-token reads (half the pool at most); the rest serve refreshes.
-        store = PostgresStore(pool, cipher, read_connections=max(1, min(2, s.db_pool_max // 2)))
+        # A few connections are held for valid-token reads; refreshes get theirs, and one is always left over.
+        store = PostgresStore(pool, cipher, read_connections=pool_shares(s.db_pool_max)[0])
         self._stack.push_async_callback(store.close)  # before the pool closes: it waits for held connections
         self.metrics.bind_pool(store.pool_stats)
         if cipher is not None:

@@ -13,10 +13,20 @@ from urllib.parse import urlsplit
 
 from broker import __version__
 from broker.config import DevSettings, Settings, client_target, process_environment
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError, MigrationRefused
 from broker.telemetry import logs
+from broker.workers import record_refusal
 
 log = logging.getLogger("broker.cli")
+
+#: The top-level modules of the optional extras, by extra: what `serve`, `migrate` and `dev` need beyond the base
+#: distribution (the client and `get`/`health`).
+_EXTRA_MODULES = {
+    "server": frozenset(
+        {"asyncpg", "authlib", "httpx2", "prometheus_client", "cryptography", "grpc_reflection", "uvloop"}
+    ),
+    "tracing": frozenset({"opentelemetry"}),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,11 +102,34 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
         _run(serve(settings, exit_process=_exit_now), settings.event_loop)
         return 0
-    except BrokerError as exc:
+    except (ConfigError, MigrationRefused) as exc:
+        # Exit 2 means only this: a setting (or the database's state) must be fixed; starting again cannot help.
         print(f"token-broker: {exc}", file=sys.stderr)
+        record_refusal(env, str(exc))
+        return 2
+    except BrokerError as exc:
+        # A failure that may pass (the database unreachable at start-up): exit 1, and a worker's supervisor (or
+        # the kubelet) starts it again.
+        print(f"token-broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = _missing_extra(exc)
+        if extra is None:
+            raise
+        print(
+            f"token-broker: `{args.command}` needs the {extra} extra (no module named {exc.name!r}): "
+            f"pip install 'token-broker[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module `exc` did not find, if it is one of theirs."""
+    top = (exc.name or "").partition(".")[0]
+    return next((extra for extra, modules in _EXTRA_MODULES.items() if top in modules), None)
 
 
 def _run(main: Coroutine[Any, Any, None], event_loop: str) -> None:

@@ -23,8 +23,24 @@ from broker.urls import check_url, is_loopback_host
 
 #: A role name `migrate` can write into SQL with %I and no surprises; the one rule, used by migrate too.
 ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+#: BROKER_TRUSTED_PROXY_IDENTITY's values: no sidecar, Envoy/Istio's XFCC header, Linkerd's l5d-client-id.
+PROXY_IDENTITY_MODES = ("none", "xfcc", "l5d")
+#: Where a local sidecar's connections come from: Linkerd's proxy and Envoy with localhost forwarding use the
+#: loopback address; Istio's inbound passthrough uses 127.0.0.6 as the source of the forwarded connection.
+DEFAULT_TRUSTED_PEERS = ("127.0.0.1", "::1", "127.0.0.6")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+#: The smallest BROKER_DB_POOL_MAX that serves: a connection held for reads, a refresh holding its row lock, and one
+#: for the short statements (that refresh's in-flight marker, heartbeats, write-backs, the readiness check).
+DB_POOL_SMALLEST = 3
+
+
+def pool_shares(pool_max: int) -> tuple[int, int]:
+    """(connections held for reads, refreshes at once) in a pool of `pool_max`. The rest, at least one connection,
+    serves the short statements: a refresh that holds its row lock always gets a connection for its in-flight marker,
+    and the readiness check one for its ping."""
+    reads = 2 if pool_max >= 6 else 1
+    return reads, max(1, min(pool_max // 2, pool_max - reads - 1))
 
 
 @dataclass(frozen=True)
@@ -43,11 +59,14 @@ class Settings:
     db_pool_min: int = 1
     """BROKER_DB_POOL_MIN: connections the asyncpg pool of each worker keeps open."""
     db_pool_max: int = 10
-    """BROKER_DB_POOL_MAX (at least 2): a refresh holds its locked connection across the IdP call and briefly a
-    second one for the in-flight marker; refreshes use at most half of the pool."""
+    """BROKER_DB_POOL_MAX: connections per worker, at least 3 (DB_POOL_SMALLEST; a smaller pool is refused at
+    start-up). Up to 2 are held for reads (1 below 6); a refresh holds one across the IdP call and briefly needs
+    another for its in-flight marker; refreshes at once are at most half the pool, and at least one connection is
+    always left for the short statements (pool_shares)."""
     db_statement_cache: bool = True
     """BROKER_DB_STATEMENT_CACHE: asyncpg's prepared-statement cache. Set false behind PgBouncer in transaction
-    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0)."""
+    (or statement) pooling without prepared-statement support (1.20 and older, or max_prepared_statements = 0);
+    left on there, the first prepared statement the pooler loses turns it off (one WARNING)."""
     listen: str = "127.0.0.1:50051"
     """BROKER_LISTEN: host:port of the gRPC server."""
     metrics_listen: str = "127.0.0.1:9464"
@@ -117,7 +136,7 @@ class Settings:
     """Set by the supervisor, not by operators (BROKER_WORKER_INDEX): this process is worker N of BROKER_WORKERS."""
     workers_dir: Path | None = None
     """Set by the supervisor (BROKER_WORKERS_DIR): where the workers share readiness and metrics."""
-    trusted_proxy_addresses: tuple[str, ...] = ("127.0.0.1", "::1", "127.0.0.6")
+    trusted_proxy_addresses: tuple[str, ...] = DEFAULT_TRUSTED_PEERS
     """BROKER_TRUSTED_PROXY_ADDRESSES: the peers whose identity header is trusted (the local sidecar; Istio's inbound
     passthrough connects from 127.0.0.6)."""
     tracing: bool = False
@@ -134,6 +153,14 @@ class Settings:
     health_listen: str = ""
     """BROKER_HEALTH_LISTEN: optional plaintext host:port serving only grpc.health.v1, for kubelet gRPC probes when
     the main port requires (mutual) TLS."""
+    product_refresh_window: float = 600.0
+    """BROKER_PRODUCT_REFRESH_WINDOW: the product refreshes a token itself when it expires within this many seconds
+    (its build path); active users' tokens are refreshed in the background before that. 0: no background refresh."""
+    active_window: float = 3600.0
+    """BROKER_ACTIVE_WINDOW: a user whose token a caller asked for within this many seconds is active (background
+    refresh); idle users are left alone, so their IdP sessions end by the IdP's idle policy."""
+    background_jitter: float = 60.0
+    """BROKER_BACKGROUND_JITTER: background refreshes run up to this many seconds earlier, per user, to spread them."""
 
     @property
     def idp_configured(self) -> bool:
@@ -211,7 +238,7 @@ def _read(r: EnvReader) -> Settings:
         db_service_role=role,
         encryption_keys=_keys(r),
         db_pool_min=r.integer("BROKER_DB_POOL_MIN", _D.db_pool_min, 0, 1000),
-        db_pool_max=r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 2, 1000),
+        db_pool_max=_pool_max(r),
         db_statement_cache=r.boolean("BROKER_DB_STATEMENT_CACHE", _D.db_statement_cache),
         listen=r.address("BROKER_LISTEN", _D.listen),
         metrics_listen=r.address("BROKER_METRICS_LISTEN", _D.metrics_listen, allow_empty=True),
@@ -251,6 +278,9 @@ def _read(r: EnvReader) -> Settings:
         health_listen=r.address("BROKER_HEALTH_LISTEN", _D.health_listen, allow_empty=True),
         workers=_workers(r),
         event_loop=_event_loop(r),
+        product_refresh_window=r.seconds("BROKER_PRODUCT_REFRESH_WINDOW", _D.product_refresh_window, allow_zero=True),
+        active_window=r.seconds("BROKER_ACTIVE_WINDOW", _D.active_window),
+        background_jitter=r.seconds("BROKER_BACKGROUND_JITTER", _D.background_jitter, allow_zero=True),
         worker_index=r.integer("BROKER_WORKER_INDEX", 0, 0, 1023) if r.raw("BROKER_WORKER_INDEX") else None,
         workers_dir=Path(d) if (d := r.raw("BROKER_WORKERS_DIR")) else None,
     )
@@ -262,6 +292,16 @@ def _read(r: EnvReader) -> Settings:
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
+
+
+def _pool_max(r: EnvReader) -> int:
+    size = r.integer("BROKER_DB_POOL_MAX", _D.db_pool_max, 1, 1000)
+    if size < DB_POOL_SMALLEST:
+        r.errors.append(
+            f"BROKER_DB_POOL_MAX: at least {DB_POOL_SMALLEST}, not {size} (a connection for reads, one for a refresh "
+            "holding its row lock, and one for its in-flight marker and the readiness check)"
+        )
+    return size
 
 
 def _workers(r: EnvReader) -> int:
@@ -301,7 +341,7 @@ def _event_loop(r: EnvReader) -> str:
 
 def _proxy_mode(r: EnvReader) -> str:
     mode = (r.raw("BROKER_TRUSTED_PROXY_IDENTITY") or _D.trusted_proxy_identity).lower()
-    if mode not in ("none", "xfcc", "l5d"):
+    if mode not in PROXY_IDENTITY_MODES:
         r.errors.append("BROKER_TRUSTED_PROXY_IDENTITY: must be none, xfcc or l5d")
     return mode
 

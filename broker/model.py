@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
@@ -70,6 +71,8 @@ class Link:
     marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
     # its holder's last heartbeat. Only read under the refresh lock.
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
+    access_rejected: bool = False  # an upstream rejected this very access token (remembered in the database until
+    # the link holds another one): it is never served
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,3 +123,14 @@ class DbKey:
     active_digest: str | None
     revoked_digest: str | None
     test: str
+
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def parse_sha256_hex(text: str) -> bytes:
+    """A SHA-256 digest written in hex (64 characters, either case) as bytes; ValueError for anything else. The one
+    rule for a caller token's digest in BROKER_CALLER_TOKENS_FILE and a reported rejected token."""
+    if len(text) != 64 or not _SHA256_HEX.fullmatch(text):
+        raise ValueError("not a SHA-256 hex digest")
+    return bytes.fromhex(text)

@@ -4,9 +4,14 @@ of the facts). `make docs` runs it; `make docs-check` (part of `make check`) fai
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker.config import Settings  # the checkout's own package, not an installed one
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "broker" / "config.py"
@@ -19,7 +24,9 @@ HEADER = """# Configuration
 
 Every setting is an environment variable, read once at start-up by `Settings.from_env` (broker/config.py, the only
 reader of the environment). A bad value stops the process with one message that names every bad variable (exit
-code 2). Secrets have no default and may come from a file instead (`NAME_FILE`); they are never logged.
+code 2). Exit code 2 means only that: a setting to fix (every refusal names it). A database that cannot be reached at
+start-up is exit code 1, which may pass on a restart. Secrets have no default and may come from a file instead
+(`NAME_FILE`); they are never logged.
 
 | variable | default | meaning |
 |---|---|---|
@@ -38,12 +45,12 @@ Set by the supervisor for its workers, never by operators: {internal}.
 """
 
 
-def _default(node: ast.expr | None) -> str:
-    if node is None:
+def _default(name: str) -> str:
+    """The field's default as the running code has it (a literal, or a named constant of broker/config.py)."""
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    if field.default is dataclasses.MISSING:
         return "—"
-    if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "field":
-        return "—"
-    value = ast.literal_eval(node)
+    value = field.default
     if value is None or value == "":
         return "—"
     if isinstance(value, bool):
@@ -75,7 +82,7 @@ def rows() -> tuple[list[str], list[str]]:
         if not sep or not re.search(r"(BROKER|OTEL)_", names):
             names, meaning = doc.rstrip("."), ""
         names = re.sub(r"((?:BROKER|OTEL)_[A-Z0-9_]+)", r"`\1`", names)
-        default = DEFAULTS.get(node.target.id) or _default(node.value)
+        default = DEFAULTS.get(node.target.id) or _default(node.target.id)
         meaning = meaning.replace("|", r"\|")
         out.append(f"| {names.strip()} | {default} | {meaning} |")
     return out, internal

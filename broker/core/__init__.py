@@ -13,20 +13,37 @@ that): the adapters live in `broker.postgres`, `broker.idp` and `broker.server`.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from uuid import UUID
 
 from broker.core.circuit import CircuitBreaker
 from broker.core.interfaces import GuardedIdp, IdentityProvider, LinkStore, RefreshObserver
 from broker.core.refresh import Refresher, RefreshSettings
+from broker.core.refresh.background import Activity, BackgroundRefresh
 from broker.core.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.core.refresh.liveness import Liveness
 from broker.core.refresh.parts import RefreshParts
 from broker.core.refresh.rejections import RejectedTokens
+from broker.core.refresh.schedule import BackgroundSettings, ScheduleStore
 from broker.core.refresh.writeback import WriteBack
 from broker.core.tokens import TokenService
+from broker.errors import StoreUnavailable
+from broker.model import RefreshedTokens, utcnow
 from broker.telemetry.tracing import NULL_TRACER, Tracer
 
-__all__ = ["CircuitSettings", "Domain", "RefreshSettings", "TokenService", "build_domain"]
+__all__ = [
+    "BackgroundSettings",
+    "CircuitSettings",
+    "Domain",
+    "RefreshSettings",
+    "ScheduleStore",
+    "TokenService",
+    "build_domain",
+]
+
+log = logging.getLogger("broker.app")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,8 @@ class Domain:
     tokens: TokenService
     refresher: Refresher
     writeback: WriteBack
+    background: BackgroundRefresh | None = None
+    """Refreshes active users' tokens before the product's own refresh window (None: off, or no IdP)."""
 
     async def drain(self, timeout: float) -> None:
         """At shutdown: let refreshes in flight finish and give pending write-backs a last attempt."""
@@ -61,19 +80,65 @@ def build_domain(
     idp: IdentityProvider | None,
     observer: RefreshObserver,
     tracer: Tracer = NULL_TRACER,
+    *,
+    background: BackgroundSettings | None = None,
+    schedule: ScheduleStore | None = None,
+    on_foreign_rotation: Callable[[], None] = lambda: None,
 ) -> Domain:
-    """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O."""
+    """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O.
+    With `background` settings and a `schedule`, active users' tokens are refreshed in the background."""
+    bs = background if schedule is not None else None
     breaker = CircuitBreaker(
         circuit.failures, circuit.open_seconds, on_change=lambda st: observer.circuit_state(int(st))
     )
     guarded: GuardedIdp = NullIdentityProvider() if idp is None else GuardedIdentityProvider(idp, breaker, observer)
     liveness = Liveness(store, settings.heartbeat_interval)
     writeback = WriteBack(
-        store, liveness, observer, store_timeout=settings.store_timeout, warn_after=settings.persist_warn_after
+        store,
+        liveness,
+        observer,
+        store_timeout=settings.store_timeout,
+        warn_after=settings.persist_warn_after,
+        on_landed=_note_landed(schedule, bs, settings.store_timeout) if schedule is not None and bs else None,
     )
     parts = RefreshParts(
-        store, guarded, settings, writeback, liveness, RejectedTokens(settings.reauth_backoff), observer, tracer=tracer
+        store,
+        guarded,
+        settings,
+        writeback,
+        liveness,
+        RejectedTokens(settings.reauth_backoff),
+        observer,
+        tracer=tracer,
+        background=bs,
     )
     refresher = Refresher(parts)
-    tokens = TokenService(store, refresher, writeback, settings, observer=observer, tracer=tracer)
-    return Domain(tokens, refresher, writeback)
+    activity = Activity(bs) if bs is not None else None
+    tokens = TokenService(store, refresher, writeback, settings, observer=observer, tracer=tracer, activity=activity)
+    runner = None
+    if bs is not None and schedule is not None and activity is not None:
+        runner = BackgroundRefresh(
+            bs,
+            schedule,
+            store,
+            refresher,
+            activity,
+            store_timeout=settings.store_timeout,
+            lifetime=tokens.lifetime,
+            on_foreign=on_foreign_rotation,
+        )
+    return Domain(tokens, refresher, writeback, runner)
+
+
+def _note_landed(
+    schedule: ScheduleStore, bs: BackgroundSettings, timeout: float
+) -> Callable[[UUID, RefreshedTokens], Awaitable[None]]:
+    """A write-back that landed outside the lock records its refresh token too (else it would count as foreign)."""
+
+    async def landed(user_id: UUID, tokens: RefreshedTokens) -> None:
+        try:
+            await schedule.note_written(bs.written(user_id, tokens, utcnow()), timeout=timeout)
+        except StoreUnavailable as exc:
+            log.debug("written refresh token not recorded: %s", exc)
+
+    return landed

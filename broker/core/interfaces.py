@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from broker.errors import BrokerError
 from broker.model import DbKey, Link, RefreshedTokens, Secret
+
+if TYPE_CHECKING:  # broker.refresh imports this module
+    from broker.core.refresh.schedule import Note
 
 
 class LockedLink(Protocol):
@@ -31,6 +34,11 @@ class LockedLink(Protocol):
 
     async def note_forced(self) -> None:
         """Record, in the locked transaction, that this refresh was forced by an upstream's rejection."""
+        ...
+
+    async def note_written(self, note: Note) -> None:
+        """Record, in the locked transaction, the refresh token being written (its SHA-256) and its next background
+        refresh, so that no replica takes this broker's own rotation for a foreign one."""
         ...
 
 
@@ -58,6 +66,11 @@ class LinkStore(Protocol):
 
     async def ping(self, *, timeout: float) -> bool:
         """Whether the database answers (readiness)."""
+        ...
+
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        """Remember, for every worker and replica, that an upstream rejected the user's access token with this
+        SHA-256: reads then mark the link `access_rejected` for as long as it holds that token."""
         ...
 
 

@@ -9,8 +9,10 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from broker.core.interfaces import LinkStore, NullObserver, RefreshObserver
-from broker.core.policy import Decision, decide
+from broker.core.policy import Decision, decide, is_expired
 from broker.core.refresh import Refresher, RefreshSettings
+from broker.core.refresh.background import Activity
+from broker.core.refresh.rejections import RejectedAccessTokens
 from broker.core.refresh.writeback import WriteBack
 from broker.errors import IdpNotConfigured, StoreUnavailable
 from broker.model import AccountState, Link, TokenResult, TokenStatus, utcnow
@@ -52,6 +54,7 @@ class TokenService:
         observer: RefreshObserver | None = None,
         tracer: Tracer = NULL_TRACER,
         clock: Callable[[], datetime] = utcnow,
+        activity: Activity | None = None,
     ) -> None:
         self._tracer = tracer
         self._observer: RefreshObserver = observer or NullObserver()
@@ -62,6 +65,12 @@ class TokenService:
         self._ahead = settings.refresh_ahead
         self._clock = clock
         self._lifetimes = Lifetimes()
+        self._rejections = RejectedAccessTokens(store)
+        self._activity = activity
+
+    def lifetime(self, user_id: UUID) -> timedelta | None:
+        """The access-token lifetime this process last saw the IdP grant the user."""
+        return self._lifetimes.get(user_id)
 
     async def get_token(self, user_id: UUID, budget: float, rejected: bytes | None = None) -> TokenResult:
         """The user's token within `budget` seconds. `rejected`: SHA-256 of an access token an upstream refused."""
@@ -83,12 +92,19 @@ class TokenService:
         if link.unreadable is not None:
             UserLog(log, user_id).error("stored tokens cannot be read: %s", link.unreadable)
             return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
+        if self._activity is not None:
+            self._activity.seen(link)
         pending = self._writeback.reconcile(link)
         if rejected is not None:
             current = pending.tokens.access_token if pending is not None else link.access_token
             if current and current.sha256() == rejected:
-                return await self._forced(link, deadline, rejected)
+                remembered = pending is None and link.access_rejected
+                return await self._forced(link, deadline, rejected, remembered=remembered)
             self._observer.forced_refresh("replaced")  # another caller or replica replaced it already: serve that
+        if pending is None and link.access_rejected and not is_expired(link, self._clock()):
+            # An upstream rejected this token before, and no refresh has replaced it yet (the IdP was down, say):
+            # never serve it; refresh as that report did.
+            return await self._forced(link, deadline, link.access_token.sha256(), remembered=True)
         if pending is not None:
             # This process holds rotated tokens the row does not have yet: the refresher serves or lands them.
             return await self._refresher.refresh(link, deadline)
@@ -106,9 +122,12 @@ class TokenService:
         self._lifetimes.note(user_id, result, self._clock())
         return result
 
-    async def _forced(self, link: Link, deadline: float, rejected: bytes) -> TokenResult:
+    async def _forced(self, link: Link, deadline: float, rejected: bytes, *, remembered: bool) -> TokenResult:
         """The upstream refused the token this broker serves for the user: refresh now, or tell that the user must
-        log in again. Never the rejected token."""
+        log in again. Never the rejected token: the rejection is stored first (unless `remembered` already), so that
+        no worker or replica serves it either, whatever becomes of the refresh."""
+        if not remembered:
+            await self._rejections.remember(link.user_id, rejected, timeout=deadline - time.monotonic())
         if not link.refresh_token or isinstance(self._refresher.refusal(), IdpNotConfigured):
             self._observer.forced_refresh("not_renewable")
             return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)

@@ -5,12 +5,15 @@
 - `keepalive`: TCP keepalive and a user timeout on database sockets;
 - `codec`: rows <-> links, the product's stored formats;
 - `dbcrypt`: tokens encrypted at rest as the product stores them;
+- `statements`: prepared statements named per pool, and the cache turned off when a pooler loses them;
+- `elevated`: the check that no one but the migrating admin can reach the elevated role;
 - `migrate` and `migrations/`: the broker's schema and the elevated role's functions;
 - `embedded`: an embedded PostgreSQL for `token-broker dev` and the tests.
 """
 
 from broker.postgres.dbcrypt import Cipher, parse_keys
+from broker.postgres.elevated import ElevatedRoleGate
 from broker.postgres.migrate import migrate
-from broker.postgres.store import PostgresStore
+from broker.postgres.store import PostgresSchedule, PostgresStore
 
-__all__ = ["Cipher", "PostgresStore", "migrate", "parse_keys"]
+__all__ = ["Cipher", "ElevatedRoleGate", "PostgresSchedule", "PostgresStore", "migrate", "parse_keys"]

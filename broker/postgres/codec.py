@@ -46,6 +46,7 @@ class Codec:
             # The marker counts only for the token stored now (it holds the SHA-256 of the plain token).
             marker_idle_seconds=idle if marker_sha is not None and marker_sha == Secret(refresh).sha256() else None,
             forced_seconds_ago=row.get("forced_seconds_ago", None),
+            access_rejected=_rejected(row, access),
         )
 
     def _open(self, row: asyncpg.Record) -> tuple[str, str, str | None]:
@@ -86,3 +87,9 @@ class Codec:
             refresh_key,
             previous.refresh_token.sha256(),
         )
+
+
+def _rejected(row: asyncpg.Record, access: str) -> bool:
+    """Whether the row's rejection (the SHA-256 of an access token an upstream refused) is of the token it holds."""
+    rejected = row.get("rejected_sha256", None)
+    return rejected is not None and bool(access) and rejected == Secret(access).sha256()

@@ -21,7 +21,7 @@ import hmac
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.model import DbKey
 
 NONCE_BYTES = 12
@@ -34,8 +34,12 @@ class DecryptFailed(BrokerError):
     """A stored value could not be decrypted; the message names the reason and the key id, never the value."""
 
 
-class KeysRejected(BrokerError):
-    """The configured keys do not match the database's dbcrypt_keys: the broker must not start."""
+class KeysRejected(ConfigError):
+    """The configured keys do not match the database's dbcrypt_keys: the broker must not start (a configuration
+    error: the message names BROKER_ENCRYPTION_KEYS)."""
+
+
+_SETTING = "BROKER_ENCRYPTION_KEYS (or BROKER_ENCRYPTION_KEYS_FILE)"
 
 
 def key_digest(key: bytes) -> str:
@@ -79,12 +83,15 @@ class Cipher:
         active = {r.active_digest: r for r in rows if r.active_digest}
         revoked = {r.revoked_digest for r in rows if r.revoked_digest}
         if self.primary_digest in revoked:
-            raise KeysRejected(f"the primary encryption key ({self.primary_digest}) is revoked in dbcrypt_keys")
+            raise KeysRejected(
+                f"{_SETTING}: the primary (first) key ({self.primary_digest}) is revoked in dbcrypt_keys; put the "
+                "product's current primary key first"
+            )
         row = active.get(self.primary_digest)
         if row is None:
             raise KeysRejected(
-                f"the primary encryption key ({self.primary_digest}) is not in dbcrypt_keys: the product inserts its "
-                "primary key when it starts with it; start the product with these keys first"
+                f"{_SETTING}: the primary (first) key ({self.primary_digest}) is not in dbcrypt_keys: the product "
+                "inserts its primary key when it starts with it; start the product with these keys first"
             )
         try:
             ok = self.decrypt(row.test, self.primary_digest, check_active=False) == TEST_PLAINTEXT
@@ -92,7 +99,8 @@ class Cipher:
             ok = False
         if not ok:
             raise KeysRejected(
-                f"dbcrypt_keys' test value does not decrypt under the primary key ({self.primary_digest})"
+                f"{_SETTING}: dbcrypt_keys' test value does not decrypt under the primary (first) key "
+                f"({self.primary_digest}): it is not the key the product encrypted with"
             )
         self._active = frozenset(active)
         self._revoked = frozenset(revoked)

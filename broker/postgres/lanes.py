@@ -34,11 +34,17 @@ Fetch = Callable[[C, list[K]], Awaitable[Mapping[K, V]]]
 
 
 class _Batch(Generic[K, V]):
-    __slots__ = ("deadline", "waiters")
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.waiters: list[tuple[K, asyncio.Future[V | None]]] = []
-        self.deadline = 0.0
+        self.waiters: list[tuple[K, asyncio.Future[V | None], float]] = []  # key, answer, deadline
+
+    def live(self) -> tuple[list[K], float]:
+        """The keys still awaited and the latest deadline among their callers (time.monotonic()); no keys when
+        every caller gave up (timed out or cancelled)."""
+        now = time.monotonic()
+        alive = [(key, deadline) for key, answer, deadline in self.waiters if not answer.done() and deadline > now]
+        return list(dict.fromkeys(key for key, _ in alive)), max((d for _, d in alive), default=now)
 
 
 class ReadLanes(Generic[C, K, V]):
@@ -72,11 +78,8 @@ class ReadLanes(Generic[C, K, V]):
         if batch is None or len(batch.waiters) >= self._max:
             batch = _Batch()
             self._waiting.append(batch)
-        deadline = time.monotonic() + timeout
-        if deadline > batch.deadline:
-            batch.deadline = deadline
         answer: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
-        batch.waiters.append((key, answer))
+        batch.waiters.append((key, answer, time.monotonic() + timeout))
         async with asyncio.timeout(timeout):
             return await answer
 
@@ -101,30 +104,35 @@ class ReadLanes(Generic[C, K, V]):
             if conn is not None:
                 self._spawn(self._source.give_back(conn, False))
             return
-        if self._waiting:
-            self._spawn(self._send(conn, self._waiting.popleft()))  # sealed: later requests start the next batch
-        else:
-            self._free.append(conn)
+        while self._waiting:
+            batch = self._waiting.popleft()  # sealed: later requests start the next batch
+            keys, deadline = batch.live()
+            if keys:
+                self._spawn(self._send(conn, batch, keys, deadline))
+                return
+            # Every caller of this batch gave up: nothing is sent (a statement sent with no time left would be
+            # cancelled mid-flight, and the healthy connection with it).
+        self._free.append(conn)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _send(self, conn: C | None, batch: _Batch[K, V]) -> None:
-        keys = list(dict.fromkeys(key for key, _ in batch.waiters))
+    async def _send(self, conn: C | None, batch: _Batch[K, V], keys: list[K], deadline: float) -> None:
+        """The batch's live keys as one statement, bounded by its latest caller's deadline."""
         try:
-            values = await self._read(conn, keys, max(batch.deadline - time.monotonic(), 0.0))
+            values = await self._read(conn, keys, max(deadline - time.monotonic(), 0.0))
         except Exception as exc:  # every waiter gets the failure, each its own copy
-            for _, answer in batch.waiters:
+            for _, answer, _ in batch.waiters:
                 if not answer.done():
                     answer.set_exception(_copy(exc))
             return
         except BaseException:
-            for _, answer in batch.waiters:
+            for _, answer, _ in batch.waiters:
                 answer.cancel()
             raise
-        for key, answer in batch.waiters:
+        for key, answer, _ in batch.waiters:
             if not answer.done():
                 answer.set_result(values.get(key))
 

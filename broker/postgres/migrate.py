@@ -16,6 +16,7 @@ import asyncpg
 
 from broker.config import ROLE_NAME
 from broker.errors import MigrationRefused, StoreUnavailable
+from broker.postgres.elevated import ELEVATED, elevated_role_problems
 
 log = logging.getLogger("broker.migrate")
 
@@ -85,6 +86,8 @@ async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> Migr
                     "INSERT INTO token_broker.schema_migrations (version, name) VALUES ($1, $2)", version, name
                 )
                 applied.append(name)
+            await _check_elevated_role(conn, service_role)
+            await _own_through_elevated_role(conn)
             for _name, sql in repeatable:
                 await conn.execute(sql)
         return MigrationReport(applied=applied, already_applied=len(done))
@@ -94,3 +97,40 @@ async def migrate(dsn: str, service_role: str, *, timeout: float = 60.0) -> Migr
         raise MigrationRefused(f"migration refused: {exc.message}{hint}") from None
     finally:
         await conn.close()
+
+
+async def _check_elevated_role(conn: asyncpg.Connection, service_role: str) -> None:
+    """Refuse an elevated role that a pre-existing setup made unsafe: it is kept as it is, and is about to own every
+    SECURITY DEFINER function. Only this role and superusers may be members."""
+    me = await conn.fetchval("SELECT current_user")
+    problems = await elevated_role_problems(conn, [service_role], allowed_members=[me])
+    if problems:
+        raise MigrationRefused(
+            f"migration refused: the role {ELEVATED} is not safe to own the broker's functions: "
+            + "; ".join(problems)
+            + ". Fix it, then migrate again."
+        )
+
+
+async def _own_through_elevated_role(conn: asyncpg.Connection) -> None:
+    """An administrator that is not a superuser (CREATEROLE, owner of the database) hands the functions to the
+    elevated role, and replaces them on the next migrate, only as a member that may SET ROLE to it and inherits its
+    privileges; PostgreSQL 16 and later make the role's creator a member without either."""
+    if await conn.fetchval(
+        "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) current_user"
+    ):
+        return
+    modern = int(await conn.fetchval("SELECT pg_catalog.current_setting('server_version_num')")) >= 160000
+    needed = ("SET", "USAGE") if modern else ("USAGE",)
+    has = [await conn.fetchval("SELECT pg_catalog.pg_has_role(current_user, $1, $2)", ELEVATED, p) for p in needed]
+    if all(has):
+        return
+    grant = f"GRANT {ELEVATED} TO CURRENT_USER" + (" WITH INHERIT TRUE, SET TRUE" if modern else "")
+    me = await conn.fetchval("SELECT current_user")
+    try:
+        await conn.execute(grant)
+    except asyncpg.InsufficientPrivilegeError:
+        raise MigrationRefused(
+            f"migration refused: the migrating role {me} must be a member of {ELEVATED} to make it the functions'"
+            f" owner, and cannot grant itself that: as a superuser, run {grant.replace('CURRENT_USER', me)}"
+        ) from None

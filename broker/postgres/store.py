@@ -20,19 +20,21 @@ from uuid import UUID
 
 import asyncpg
 
+from broker.core.refresh.schedule import Note
 from broker.errors import RefreshLockTimeout, StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 from broker.postgres.codec import Codec
 from broker.postgres.dbcrypt import Cipher
 from broker.postgres.keepalive import watch_socket
 from broker.postgres.lanes import ReadLanes
+from broker.postgres.statements import LOST_STATEMENT, connection_class
 from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
 
-GET_LINK = "SELECT * FROM token_broker.get_oidc_link($1)"
-GET_LINKS = "SELECT * FROM token_broker.get_oidc_links($1)"
+GET_LINK = "SELECT * FROM token_broker.read_oidc_link($1)"  # since 0005; get_oidc_link for older replicas
+GET_LINKS = "SELECT * FROM token_broker.read_oidc_links($1)"
 LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5, $6, $7, $8)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1, $2)"
@@ -40,6 +42,10 @@ DBCRYPT_KEYS = "SELECT * FROM token_broker.get_dbcrypt_keys()"
 ABANDON_REFRESH = "SELECT token_broker.abandon_refresh($1, $2)"
 HEARTBEAT = "SELECT token_broker.heartbeat_refresh($1, $2)"
 NOTE_FORCED = "SELECT token_broker.note_forced_refresh($1)"
+REJECT_ACCESS = "SELECT token_broker.reject_access_token($1, $2)"
+NOTE_LINKS = "SELECT * FROM token_broker.note_links($1, $2, $3, $4, $5, $6, $7, $8)"
+CLAIM_DUE = "SELECT * FROM token_broker.claim_due_refreshes($1, $2, $3)"
+UNSCHEDULE = "SELECT token_broker.unschedule_refresh($1)"
 PING = "SELECT 1"
 
 #: Errors after which the connection is dead or in an unknown state: it is terminated, never reused.
@@ -61,6 +67,9 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,  # e.g. a connection left mid-operation by a server-side termination
 )
+
+
+_LOCK_OR_LOST: tuple[type[BaseException], ...] = (asyncpg.LockNotAvailableError, *LOST_STATEMENT)
 
 
 def _translate(exc: BaseException, what: str) -> StoreUnavailable:
@@ -95,7 +104,9 @@ class _Locked:
         """Committed at once on another connection, independent of the locked transaction."""
         assert self.link is not None
         args = (self._user_id, self.link.refresh_token.sha256())
-        await self._store.run(self._timeout, "marking the refresh in flight", lambda c: c.execute(BEGIN_REFRESH, *args))
+        await self._store.run(
+            self._timeout, "marking the refresh in flight", lambda c: c.execute(BEGIN_REFRESH, *args), replayable=True
+        )
 
     async def clear_in_flight(self) -> None:
         assert self.link is not None
@@ -114,6 +125,15 @@ class _Locked:
         except _DB_ERRORS as exc:
             self.broken = not isinstance(exc, asyncpg.PostgresError)
             raise _translate(exc, "recording a forced refresh") from None
+
+    async def note_written(self, note: Note) -> None:
+        """Record, in the locked transaction, the refresh token this broker is writing (broker.refresh.background)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._conn.execute(NOTE_LINKS, *_note_args([note], seen=False, written=True, log_after=0.0))
+        except _DB_ERRORS as exc:
+            self.broken = not isinstance(exc, asyncpg.PostgresError)
+            raise _translate(exc, "recording the written refresh token") from None
 
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
@@ -142,7 +162,8 @@ class PostgresStore:
         dsn: str, *, min_size: int, max_size: int, connect_timeout: float, statement_cache: bool = True
     ) -> asyncpg.Pool:
         """The pool. Without the statement cache every statement is an unnamed prepared statement, which PgBouncer
-        in transaction pooling accepts (named ones would meet another client's server connection)."""
+        in transaction pooling accepts (named ones would meet another client's server connection). With it, the
+        first statement such a pooler loses turns the cache off (broker.pgstatements)."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -153,6 +174,7 @@ class PostgresStore:
                 reset=_keep_session,
                 init=watch_socket,
                 statement_cache_size=100 if statement_cache else 0,
+                connection_class=connection_class(statement_cache),
             )
         except _DB_ERRORS as exc:
             raise _translate(exc, "connecting") from None
@@ -160,14 +182,32 @@ class PostgresStore:
         return pool
 
     async def run(
-        self, timeout: float, what: str, op: Callable[[PoolConnection], Awaitable[T]], *, idempotent: bool = False
+        self,
+        timeout: float,
+        what: str,
+        op: Callable[[PoolConnection], Awaitable[T]],
+        *,
+        idempotent: bool = False,
+        replayable: bool = False,
     ) -> T:
         """One statement on a pooled connection; `timeout` bounds the pool waits and the statements together. A
         connection whose statement failed at the transport or timed out is terminated, not reused. An idempotent
-        statement whose connection died under it (a killed backend) is tried once more on a fresh connection."""
+        statement whose connection died under it (a killed backend) is tried once more on a fresh connection.
+
+        `replayable`: a statement that did not run because a pooler lost its prepared statement is tried once more
+        (without the cache by then). Only for the steps before a refresh token goes to the IdP: the statements after
+        it (the write of the rotated tokens, lifting the marker) are never replayed here; their failure takes the
+        path every store failure takes there (the write-back's compare-and-set, the marker's heartbeat)."""
         deadline = time.monotonic() + timeout
         try:
             return await self._run_once(deadline, op)
+        except LOST_STATEMENT as exc:
+            if not replayable or time.monotonic() >= deadline:
+                raise _translate(exc, what) from None
+            try:
+                return await self._run_once(deadline, op)
+            except _DB_ERRORS as again:
+                raise _translate(again, what) from None
         except _BROKEN as exc:
             if not idempotent or isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
                 raise _translate(exc, what) from None
@@ -199,6 +239,14 @@ class PostgresStore:
         deadline = time.monotonic() + timeout
         try:
             row = await self._reads.get(user_id, timeout)
+        except LOST_STATEMENT as exc:
+            # The read did not run (a pooler lost its prepared statement): once more, without the cache by then.
+            if time.monotonic() >= deadline:
+                raise _translate(exc, "reading the link") from None
+            try:
+                row = await self._reads.get(user_id, deadline - time.monotonic())
+            except _DB_ERRORS as again:
+                raise _translate(again, "reading the link") from None
         except _BROKEN as exc:
             if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
                 raise _translate(exc, "reading the link") from None
@@ -208,7 +256,10 @@ class PostgresStore:
             await self._reads.renew()
             await self._pool.expire_connections()
             row = await self.run(
-                deadline - time.monotonic(), "reading the link", lambda c: c.fetchrow(GET_LINK, user_id)
+                deadline - time.monotonic(),
+                "reading the link",
+                lambda c: c.fetchrow(GET_LINK, user_id),
+                replayable=True,
             )
         except _DB_ERRORS as exc:
             raise _translate(exc, "reading the link") from None
@@ -231,29 +282,18 @@ class PostgresStore:
 
         `lock_timeout` bounds the wait for the lock (and each statement); `hold_timeout` is how long the
         transaction may stay open, enforced by the server too (idle_in_transaction_session_timeout)."""
-        try:
-            async with asyncio.timeout(lock_timeout):
-                conn = await self._pool.acquire()
-        except _DB_ERRORS as exc:
-            raise _translate(exc, "acquiring a connection for the refresh lock") from None
-        broken = True  # until the transaction ended cleanly
         statement = lock_timeout + 1
         try:
-            tx = conn.transaction()
+            conn, tx, row = await self._begin_locked(user_id, lock_timeout, hold_timeout)
+        except LOST_STATEMENT:
+            # Nothing ran and nothing was sent yet (a pooler lost the prepared statement): take the lock once more,
+            # without the cache by then.
             try:
-                async with asyncio.timeout(statement):
-                    await tx.start()
-                    await conn.execute(
-                        f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
-                        f" SET LOCAL statement_timeout = '{int(statement * 1000)}ms';"
-                        f" SET LOCAL idle_in_transaction_session_timeout = '{int(hold_timeout * 1000)}ms'"
-                    )
-                    row = await conn.fetchrow(LOCK_LINK, user_id)
-            except asyncpg.LockNotAvailableError:
-                broken = not await _rollback(tx, statement)
-                raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
-            except _DB_ERRORS as exc:
+                conn, tx, row = await self._begin_locked(user_id, lock_timeout, hold_timeout)
+            except LOST_STATEMENT as exc:
                 raise _translate(exc, "taking the refresh lock") from None
+        broken = True  # until the transaction ended cleanly
+        try:
             locked = _Locked(self, conn, user_id, self.codec.link(user_id, row), statement)
             try:
                 yield locked
@@ -269,8 +309,44 @@ class PostgresStore:
         finally:
             await self._give_back(conn, broken)
 
+    async def _begin_locked(
+        self, user_id: UUID, lock_timeout: float, hold_timeout: float
+    ) -> tuple[PoolConnection, asyncpg.transaction.Transaction, asyncpg.Record | None]:
+        """A connection, its transaction begun with its timeouts, and the row locked in it (the row: None when
+        there is none). On failure the connection is given back, and the error is the domain's, except a lost
+        prepared statement, raised as is."""
+        try:
+            async with asyncio.timeout(lock_timeout):
+                conn = await self._pool.acquire()
+        except _DB_ERRORS as exc:
+            raise _translate(exc, "acquiring a connection for the refresh lock") from None
+        statement = lock_timeout + 1
+        tx = conn.transaction()
+        try:
+            async with asyncio.timeout(statement):
+                await tx.start()
+                await conn.execute(
+                    f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
+                    f" SET LOCAL statement_timeout = '{int(statement * 1000)}ms';"
+                    f" SET LOCAL idle_in_transaction_session_timeout = '{int(hold_timeout * 1000)}ms'"
+                )
+                row = await conn.fetchrow(LOCK_LINK, user_id)
+        except _LOCK_OR_LOST as exc:
+            await self._give_back(conn, not await _rollback(tx, statement))
+            if isinstance(exc, asyncpg.LockNotAvailableError):
+                raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
+            raise
+        except BaseException as exc:
+            await self._give_back(conn, True)
+            if isinstance(exc, _DB_ERRORS):
+                raise _translate(exc, "taking the refresh lock") from None
+            raise
+        return conn, tx, row
+
     async def dbcrypt_keys(self, *, timeout: float) -> list[DbKey]:
-        rows = await self.run(timeout, "reading dbcrypt_keys", lambda c: c.fetch(DBCRYPT_KEYS), idempotent=True)
+        rows = await self.run(
+            timeout, "reading dbcrypt_keys", lambda c: c.fetch(DBCRYPT_KEYS), idempotent=True, replayable=True
+        )
         return [DbKey(r["active_key_digest"], r["revoked_key_digest"], r["test"]) for r in rows]
 
     async def save_refreshed(self, previous: Link, tokens: RefreshedTokens, *, timeout: float) -> bool:
@@ -282,9 +358,17 @@ class PostgresStore:
         hashes = [token.sha256() for _, token in held]
         await self.run(timeout, "refreshing in-flight heartbeats", lambda c: c.execute(HEARTBEAT, ids, hashes))
 
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        await self.run(
+            timeout,
+            "remembering a rejected token",
+            lambda c: c.execute(REJECT_ACCESS, user_id, access_sha256),
+            idempotent=True,
+        )
+
     async def ping(self, *, timeout: float) -> bool:
         try:
-            await self.run(timeout, "checking readiness", lambda conn: conn.fetchval(PING))
+            await self.run(timeout, "checking readiness", lambda conn: conn.fetchval(PING), replayable=True)
         except StoreUnavailable:
             return False
         return True
@@ -341,3 +425,46 @@ async def _rollback(tx: asyncpg.transaction.Transaction, timeout: float) -> bool
     except _DB_ERRORS:
         return False
     return True
+
+
+class PostgresSchedule:
+    """ScheduleStore (broker.refresh.schedule) on the store's pool: active users, due background refreshes, and the
+    refresh token a broker last wrote or saw, in token_broker.refresh_schedule."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def note(
+        self, notes: Sequence[Note], *, seen: bool, log_after: float, timeout: float
+    ) -> list[tuple[UUID, bool]]:
+        args = _note_args(notes, seen=seen, written=False, log_after=log_after)
+        rows = await self._store.run(timeout, "noting active users", lambda c: c.fetch(NOTE_LINKS, *args))
+        return [(r["user_id"], bool(r["first_in_window"])) for r in rows]
+
+    async def claim_due(
+        self, limit: int, *, claim_seconds: float, active_seconds: float, timeout: float
+    ) -> list[tuple[UUID, bytes | None]]:
+        rows = await self._store.run(
+            timeout, "claiming due refreshes", lambda c: c.fetch(CLAIM_DUE, limit, claim_seconds, active_seconds)
+        )
+        return [(r["user_id"], r["refresh_sha256"]) for r in rows]
+
+    async def unschedule(self, user_id: UUID, *, timeout: float) -> None:
+        await self._store.run(timeout, "unscheduling a refresh", lambda c: c.execute(UNSCHEDULE, user_id))
+
+    async def note_written(self, note: Note, *, timeout: float) -> None:
+        args = _note_args([note], seen=False, written=True, log_after=0.0)
+        await self._store.run(timeout, "recording the written refresh token", lambda c: c.execute(NOTE_LINKS, *args))
+
+
+def _note_args(notes: Sequence[Note], *, seen: bool, written: bool, log_after: float) -> tuple[object, ...]:
+    return (
+        [n.user_id for n in notes],
+        [n.refresh_sha256 for n in notes],
+        [n.expiry for n in notes],
+        [n.ahead_seconds for n in notes],
+        [n.lifetime_seconds for n in notes],
+        seen,
+        written,
+        log_after,
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,12 +23,12 @@ from typing import Any
 import grpc
 
 from broker.errors import ConfigError
+from broker.model import parse_sha256_hex
 from broker.server.entry import Rejected
-from broker.server.mesh import MeshIdentity
+from broker.server.mesh import MeshIdentity, peer_host
 
 log = logging.getLogger("broker.auth")
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 #: The auth-context properties gRPC core fills from a verified client certificate, by SAN kind.
 _SAN_KINDS = (("peer_uri", "uri"), ("peer_dns", "dns"))
 
@@ -42,10 +41,12 @@ def load_caller_tokens(path: Path) -> dict[str, bytes]:
         if not line or line.startswith("#"):
             continue
         name, sep, digest = line.rpartition(":")
-        digest = digest.lower()
-        if not sep or not name or not _HEX64.fullmatch(digest):
-            raise ConfigError(f"BROKER_CALLER_TOKENS_FILE line {n}: expected name:sha256-hex-of-token")
-        tokens[name] = bytes.fromhex(digest)
+        try:
+            if not sep or not name:
+                raise ValueError(name)
+            tokens[name] = parse_sha256_hex(digest)
+        except ValueError:
+            raise ConfigError(f"BROKER_CALLER_TOKENS_FILE line {n}: expected name:sha256-hex-of-token") from None
     return tokens
 
 
@@ -80,11 +81,6 @@ class CallerTokens:
             if hmac.compare_digest(digest, expected):
                 found = name
         return found
-
-
-def _peer_host(peer: str) -> str:
-    """Anonymous callers (loopback or BROKER_ALLOW_INSECURE) are limited per source address, e.g. ipv4:10.0.0.1."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
 def certificate_identities(context: Any) -> list[str]:
@@ -132,7 +128,8 @@ class CallerGate:
         caller = self._pick(identities)
         if self._allowed and caller is None:
             raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "caller is not allowed to request tokens")
-        key = caller or (identities[0] if identities else _peer_host(context.peer()))
+        # Anonymous callers (loopback, or BROKER_ALLOW_INSECURE) are limited per source address.
+        key = caller or (identities[0] if identities else _source(context.peer()))
         if self._inflight[key] >= self._max:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent requests from this caller")
         self._inflight[key] += 1
@@ -152,3 +149,8 @@ class CallerGate:
             if identity in self._allowed:
                 return identity
         return None
+
+
+def _source(peer: str) -> str:
+    """The source address of a gRPC peer (its IP; a unix socket peer as it is), without the port."""
+    return peer_host(peer) or peer

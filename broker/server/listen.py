@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import grpc
@@ -99,26 +100,44 @@ def start_metrics(listen: str, registry: CollectorRegistry, stack: AsyncExitStac
     return port
 
 
-async def watch_database(
-    store: LinkStore,
-    health_servicer: health.aio.HealthServicer,
-    interval: float,
-    stopping: asyncio.Event,
-    peers: WorkerReadiness | None = None,
-) -> None:
-    """Readiness: the token service is SERVING only while the database answers (and, with workers, while every
-    worker says so); checked every `interval`, every 0.5 s while this worker waits for the others."""
-    serving: bool | None = None
-    while not stopping.is_set():
-        own = await store.ping(timeout=min(interval, 2.0))
+class Readiness:
+    """The token service's readiness: SERVING only while the database answers and `gate` (the elevated role's check)
+    passes (with workers: while at least one worker's does, this one included, since a probe speaks for the pod)."""
+
+    def __init__(
+        self,
+        store: LinkStore,
+        health_servicer: health.aio.HealthServicer,
+        interval: float,
+        peers: WorkerReadiness | None = None,
+        gate: Callable[[float], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._gate = gate
+        self._store = store
+        self._health = health_servicer
+        self._interval = interval
+        self._peers = peers
+        self._seen: tuple[bool, bool] | None = None
+
+    async def check(self) -> None:
+        """Once: the first time before the port is bound, so that no probe meets a worker that has not decided."""
+        own = await self._store.ping(timeout=min(self._interval, 2.0))
+        if own and self._gate is not None:  # the elevated role's check: a role others can reach is not served
+            own = await self._gate(min(self._interval, 2.0))
         ok = own
-        if peers is not None:
-            peers.report(own)
-            ok = own and peers.all_ready()
-        if ok != serving and not stopping.is_set():
-            serving = ok
-            await health_servicer.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
-            (log.info if ok else log.error)("readiness changed", extra={"serving": ok, "database": own})
-        wait = min(interval, 0.5) if own and not ok else interval
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), wait)
+        if self._peers is not None:
+            self._peers.report(own)
+            ok = own or self._peers.any_ready()
+        if (ok, own) != self._seen:
+            if self._seen is None or ok != self._seen[0]:
+                await self._health.set(SERVICE_NAME, SERVING if ok else NOT_SERVING)
+            self._seen = (ok, own)
+            (log.info if own else log.error)("readiness changed", extra={"serving": ok, "database": own})
+
+    async def watch(self, stopping: asyncio.Event) -> None:
+        """Check every `interval` until `stopping`."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self._interval)
+            if not stopping.is_set():
+                await self.check()

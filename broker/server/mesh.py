@@ -10,84 +10,141 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("broker.auth")
 
-MODES = ("none", "xfcc", "l5d")
-#: Where a local sidecar's connections come from: Linkerd's proxy and Envoy with localhost forwarding use the
-#: loopback address; Istio's inbound passthrough uses 127.0.0.6 as the source of the forwarded connection.
-DEFAULT_TRUSTED_PEERS = ("127.0.0.1", "::1", "127.0.0.6")
-
 
 class MalformedHeader(ValueError):
-    """The XFCC header is not well formed."""
+    """The XFCC header is not well formed, or its last element is not one the sidecar can have written."""
 
 
-def _split(text: str, sep: str) -> list[str]:
-    """Split on `sep` outside double quotes (a backslash escapes inside quotes)."""
-    parts, current, quoted, escaped = [], [], False, False
-    for ch in text:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            current.append(ch)
-            escaped = True
+#: The keys Envoy writes, in the order it writes them (By, Hash, then set_current_client_cert_details: Cert, Chain,
+#: Subject, URI, DNS). Those it writes once; the others once per SAN.
+_ORDER = {"by": 0, "hash": 1, "cert": 2, "chain": 3, "subject": 4, "uri": 5, "dns": 6}
+_ONCE = frozenset({"hash", "cert", "chain", "subject"})
+#: Envoy writes these values as they are in the certificate, unquoted; a quote in one is never the sidecar's.
+_UNQUOTED = frozenset({"by", "hash", "uri", "dns"})
+
+#: A SPIFFE ID (spiffe.io's SPIFFE-ID spec): a lower-case trust domain, then path segments of letters, digits, `.`,
+#: `-` and `_`, none of them `.` or `..`. Nothing else may be a `URI=` identity.
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+#: A DNS SAN: letter-digit-hyphen labels (a leading `*.` for a wildcard), at most 253 characters.
+_DNS_NAME = re.compile(
+    r"(?:\*\.)?(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+_KEY = re.compile(r"[A-Za-z]+")
+
+
+def _quoted(header: str, i: int) -> tuple[str, int]:
+    """The quoted string that starts at header[i] (a `"`), unescaped, and the index after its closing quote."""
+    out: list[str] = []
+    i += 1
+    while i < len(header):
+        ch = header[i]
+        if ch == "\\" and i + 1 < len(header):
+            out.append(header[i + 1])
+            i += 2
         elif ch == '"':
-            quoted = not quoted
-            current.append(ch)
-        elif ch == sep and not quoted:
-            parts.append("".join(current))
-            current = []
+            return "".join(out), i + 1
         else:
-            current.append(ch)
-    if quoted:
-        raise MalformedHeader("unterminated quote")
-    parts.append("".join(current))
-    return parts
+            out.append(ch)
+            i += 1
+    raise MalformedHeader("unterminated quote")
 
 
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        out, escaped = [], False
-        for ch in value[1:-1]:
-            if escaped:
-                out.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            else:
-                out.append(ch)
-        return "".join(out)
-    return value
-
-
-def parse_xfcc(header: str) -> list[list[tuple[str, str]]]:
-    """The elements of an XFCC header, each a list of (key lower-cased, value) pairs."""
-    elements = []
-    for element in _split(header, ","):
-        pairs = []
-        for pair in _split(element, ";"):
-            if not pair.strip():
-                continue
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
+def parse_xfcc(header: str) -> list[list[tuple[str, str, bool]]]:
+    """The elements of an XFCC header, each a list of (key lower-cased, value, whether it was quoted). A quoted value
+    is one quoted string from `=` to the next separator: text after its closing quote is malformed, not glued on."""
+    elements: list[list[tuple[str, str, bool]]] = []
+    pairs: list[tuple[str, str, bool]] = []
+    i, n = 0, len(header)
+    while i <= n:
+        eq = header.find("=", i)
+        stop = min(j for j in (header.find(";", i), header.find(",", i), n) if j >= 0)
+        if eq < 0 or eq > stop:
+            if header[i:stop].strip():
                 raise MalformedHeader("a pair without key=value")
-            pairs.append((key.strip().lower(), _unquote(value)))
-        if pairs:
-            elements.append(pairs)
+        else:
+            key = header[i:eq].strip()
+            if not _KEY.fullmatch(key):
+                raise MalformedHeader("a pair without a key")
+            j = eq + 1
+            while j < n and header[j] in " \t":
+                j += 1
+            if j < n and header[j] == '"':
+                value, j = _quoted(header, j)
+                while j < n and header[j] in " \t":
+                    j += 1
+                if j < n and header[j] not in ";,":
+                    raise MalformedHeader("text after a quoted value")
+                pairs.append((key.lower(), value, True))
+                stop = j
+            else:
+                value = header[j:stop].strip()
+                if '"' in value:
+                    raise MalformedHeader("a quote inside an unquoted value")
+                pairs.append((key.lower(), value, False))
+        if stop >= n or header[stop] == ",":
+            if pairs:
+                elements.append(pairs)
+            pairs = []
+        i = stop + 1
     if not elements:
         raise MalformedHeader("empty")
     return elements
 
 
+def _is_spiffe_id(value: str) -> bool:
+    return len(value) <= 2048 and bool(_SPIFFE_ID.fullmatch(value)) and not _DOT_SEGMENT.search(value)
+
+
+def _is_dns_name(value: str) -> bool:
+    return len(value.rstrip(".")) <= 253 and bool(_DNS_NAME.fullmatch(value.rstrip(".")))
+
+
+def element_identities(element: list[tuple[str, str, bool]]) -> list[str]:
+    """The identity of one element as the sidecar writes it: its SPIFFE ID (`uri:`) when it has one, else its DNS
+    names (`dns:`). An element the sidecar cannot have written is refused (MalformedHeader): an unknown key, keys out
+    of Envoy's order or repeated, a quoted URI/DNS/By/Hash, more than one URI (an X.509 SVID has exactly one URI SAN;
+    a second one is a `;URI=` inside the first), a URI that is not a SPIFFE ID, a DNS= that is not a DNS name.
+
+    DNS names do not count next to a SPIFFE ID: Envoy writes SANs unquoted, so a certificate's URI SAN ending in
+    `;DNS=...` would otherwise add a name that no CA issued."""
+    rank = -1
+    seen: set[str] = set()
+    uris: list[str] = []
+    names: list[str] = []
+    for key, value, quoted in element:
+        if key not in _ORDER:
+            raise MalformedHeader(f"unknown key {key!r}" if len(key) <= 16 else "an unknown key")
+        if _ORDER[key] < rank or (key in _ONCE and key in seen):
+            raise MalformedHeader(f"{key} out of order or repeated")
+        rank = _ORDER[key]
+        seen.add(key)
+        if quoted and key in _UNQUOTED:
+            raise MalformedHeader(f"a quoted {key}")
+        if key == "uri":
+            uris.append(value)
+        elif key == "dns":
+            if not _is_dns_name(value):
+                raise MalformedHeader("a DNS= value that is not a DNS name")
+            names.append(value)
+    if len(uris) > 1:
+        raise MalformedHeader("more than one URI=")
+    if uris and uris[0]:  # Envoy writes an empty URI= for a certificate without a URI SAN
+        if not _is_spiffe_id(uris[0]):
+            raise MalformedHeader("a URI= value that is not a SPIFFE ID")
+        return [f"uri:{uris[0]}"]
+    return [f"dns:{name}" for name in names]
+
+
 def xfcc_identities(header: str) -> list[str]:
-    """`uri:` and `dns:` identities of the element the local sidecar appended: the last one."""
-    last = parse_xfcc(header)[-1]
-    return [f"uri:{v}" for k, v in last if k == "uri" and v] + [f"dns:{v}" for k, v in last if k == "dns" and v]
+    """The identity of the element the local sidecar appended: the last one (see element_identities)."""
+    return element_identities(parse_xfcc(header)[-1])
 
 
 def peer_host(peer: str) -> str | None:
@@ -111,6 +168,7 @@ class MeshIdentity:
         self._trusted = frozenset(str(ipaddress.ip_address(p)) for p in trusted_peers)
         self._on_untrusted = on_untrusted
         self._warned = False
+        self._warned_malformed = False
 
     def identities(self, peer: str, metadata: Sequence[tuple[str, Any]]) -> list[str]:
         value = next((str(v) for k, v in metadata if k == self._header), None)
@@ -131,5 +189,7 @@ class MeshIdentity:
         try:
             return xfcc_identities(value)
         except MalformedHeader as exc:
-            log.warning("malformed x-forwarded-client-cert from the sidecar (%s): no identity", exc)
+            if not self._warned_malformed:
+                self._warned_malformed = True
+                log.warning("refusing x-forwarded-client-cert from the sidecar (%s): no identity (logged once)", exc)
             return []

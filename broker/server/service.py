@@ -10,7 +10,7 @@ from uuid import UUID
 import grpc
 
 from broker.core.tokens import TokenService
-from broker.model import TokenResult, TokenStatus
+from broker.model import TokenResult, TokenStatus, parse_sha256_hex
 from broker.server.entry import Rejected, record_result
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
@@ -32,16 +32,6 @@ STATUS_TO_PROTO = {
     TokenStatus.STORE_UNAVAILABLE: pb.TOKEN_STATUS_STORE_UNAVAILABLE,
     TokenStatus.ACCOUNT_DISABLED: pb.TOKEN_STATUS_ACCOUNT_DISABLED,
 }
-
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def parse_fingerprint(text: str) -> bytes | None:
-    """A reported SHA-256 in hex (64 characters, either case), as bytes; ValueError for anything else."""
-    if len(text) != 64 or not _HEX64.fullmatch(text):
-        raise ValueError(text)
-    return bytes.fromhex(text)
 
 
 def parse_user_id(text: str) -> UUID | None:
@@ -85,7 +75,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
         rejected = None
         if request.rejected_token_sha256:
             try:
-                rejected = parse_fingerprint(request.rejected_token_sha256)
+                rejected = parse_sha256_hex(request.rejected_token_sha256)
             except ValueError:
                 raise Rejected(
                     grpc.StatusCode.INVALID_ARGUMENT,

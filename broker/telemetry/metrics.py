@@ -83,6 +83,11 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.foreign_rotations = Counter(
+            "token_broker_foreign_rotations",
+            "Refresh tokens found in the database that no broker wrote (the product refreshed, or a new login).",
+            registry=registry,
+        )
         self.untrusted_identity_headers = Counter(
             "token_broker_untrusted_identity_headers",
             "Calls that carried a sidecar identity header from a peer that is not the local sidecar (ignored).",
@@ -90,7 +95,7 @@ class Metrics:
         )
         self.forced_refreshes = Counter(
             "token_broker_forced_refreshes",
-            "Token requests that reported the stored access token as rejected by an upstream, by outcome.",
+            "Token requests for a stored access token an upstream rejected (reported, or remembered), by outcome.",
             ["result"],
             registry=registry,
         )

@@ -8,6 +8,12 @@ holds across replicas: the row lock and the in-flight marker in PostgreSQL.
 The supervisor forwards SIGTERM/SIGINT to every worker at once (each drains by the usual rules), restarts a worker
 that died (with backoff), serves /metrics for all of them (prometheus-client's multiprocess mode), and keeps the
 port reserved when it was chosen by the kernel (port 0).
+
+Exit 2 from a worker means a configuration it refuses (the reason it left in the shared directory goes into the
+supervisor's line): every worker stops and the supervisor exits 2. Any other exit is restarted, including a worker
+that could not open its pool (exit 1): the others keep serving. A (re)starting worker opens its pool before it binds
+the port: until then the kernel sends it no connection (SO_REUSEPORT spreads connections over bound sockets only), so
+a worker that cannot reach the database never takes a call.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from types import FrameType
 
 from broker.config import Settings
 from broker.errors import ConfigError
-from broker.workers.readiness import WorkerReadiness
+from broker.telemetry.procmetrics import forget_runtime
+from broker.workers.readiness import WorkerReadiness, record_supervisor, take_refusal
 
 log = logging.getLogger("broker.supervisor")
 
@@ -68,7 +75,8 @@ class Supervisor:
             PROMETHEUS_MULTIPROC_DIR=str(shared / "metrics"),
         )
         (shared / "metrics").mkdir()
-        metrics_stop = self._serve_metrics(shared / "metrics") if s.metrics_listen else None
+        record_supervisor(shared)
+        metrics_stop = self._serve_metrics(shared) if s.metrics_listen else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info(
             "token-broker supervisor serving",
@@ -124,6 +132,7 @@ class Supervisor:
                         proc.kill()
                     continue
                 WorkerReadiness.forget(shared, worker.index)
+                forget_runtime(shared, worker.index)
                 _mark_dead(shared / "metrics", proc.pid)
                 worker.proc = None
                 if self._stopping:
@@ -131,11 +140,16 @@ class Supervisor:
                     stopped = 0 if code == -signal.SIGTERM else code
                     worst = max(worst, stopped if stopped >= 0 else 128 - stopped)
                     continue
-                if code == 2:  # a configuration error (printed by the worker): restarting cannot help
-                    log.error("worker refused its configuration; stopping", extra={"worker": worker.index})
+                if code == 2:  # a configuration error (and only that): restarting cannot help
+                    reason = take_refusal(shared, worker.index) or "no reason left; see the worker's output above"
+                    log.error(
+                        f"worker refused its configuration: {reason}; stopping every worker",
+                        extra={"worker": worker.index},
+                    )
                     worst = 2
                     self._on_signal(signal.SIGTERM, None)
                     continue
+                # Anything else (the database unreachable at start-up, a crash, an OOM kill) may pass: restart.
                 ran = now - worker.started
                 worker.backoff = _BACKOFF_FIRST if ran >= _STABLE_AFTER else min(worker.backoff * 2, _BACKOFF_MAX)
                 worker.restart_at = now + (0.0 if ran >= _STABLE_AFTER else worker.backoff)
@@ -167,15 +181,21 @@ class Supervisor:
         self._reserved.append(sock)
         return f"{host}:{sock.getsockname()[1]}"
 
-    def _serve_metrics(self, directory: Path) -> Callable[[], None]:
+    def _serve_metrics(self, shared: Path) -> Callable[[], None]:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         from broker.telemetry.metrics import serve_metrics
+        from broker.telemetry.procmetrics import ProcessesCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]  # untyped
+        MultiProcessCollector(registry, path=str(shared / "metrics"))  # type: ignore[no-untyped-call]  # untyped
+        registry.register(ProcessesCollector(shared, self._live_workers))
         return serve_metrics(self._settings.metrics_listen, registry)[1]
+
+    def _live_workers(self) -> list[tuple[int, int]]:
+        """(index, pid) of the workers running (called on the metrics thread: reads, never reaps)."""
+        return [(w.index, p.pid) for w in self._workers if (p := w.proc) is not None and p.returncode is None]
 
 
 def _mark_dead(directory: Path, pid: int) -> None:

@@ -65,6 +65,7 @@ def test_all_features_render_every_optional_object(full_docs: list[dict[str, Any
         "oidc.issuer=http://idp.example.com",
         "unknownKey=1",
         "broker.refreshLeeway=-5",
+        "broker.dbPoolMax=2",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:

@@ -49,16 +49,18 @@ async def test_migrate_twice_is_idempotent(databases: DatabaseFactory) -> None:
         "0002_refresh_in_flight.sql",
         "0003_marker_heartbeat.sql",
         "0004_forced_refresh.sql",
+        "0005_rejected_access.sql",
+        "0006_refresh_schedule.sql",
     ]
     assert second.applied == []
-    assert second.already_applied == 4
+    assert second.already_applied == 6
     assert await _snapshot(db) == snap
 
 
 async def test_concurrent_migrations_wait_for_each_other(databases: DatabaseFactory) -> None:
     db = await databases.create("empty")
     reports = await asyncio.gather(*(migrate(db.admin_url, SERVICE_ROLE) for _ in range(4)))
-    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 4]
+    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 6]
 
 
 async def test_migrate_on_the_products_database_leaves_its_tables_alone(databases: DatabaseFactory) -> None:
@@ -198,9 +200,13 @@ async def test_functions_are_not_executable_by_public(product_db: Database) -> N
     "weaken",
     [
         "ALTER FUNCTION token_broker.get_oidc_link(uuid) SECURITY INVOKER;"
-        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) SECURITY INVOKER",
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) SECURITY INVOKER;"
+        " ALTER FUNCTION token_broker.read_oidc_link(uuid) SECURITY INVOKER;"
+        " ALTER FUNCTION token_broker.read_oidc_links(uuid[]) SECURITY INVOKER",
         "ALTER FUNCTION token_broker.get_oidc_link(uuid) OWNER TO {service};"
-        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) OWNER TO {service}",
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) OWNER TO {service};"
+        " ALTER FUNCTION token_broker.read_oidc_link(uuid) OWNER TO {service};"
+        " ALTER FUNCTION token_broker.read_oidc_links(uuid[]) OWNER TO {service}",
         "REVOKE SELECT ON user_links FROM token_broker_elevated",
     ],
 )
@@ -216,6 +222,10 @@ async def test_without_the_elevation_reads_fail_with_permission_denied(product_d
             await conn.fetchrow("SELECT * FROM token_broker.get_oidc_link($1)", uid)
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
             await conn.fetchrow("SELECT * FROM token_broker.get_oidc_links($1)", [uid])
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchrow("SELECT * FROM token_broker.read_oidc_link($1)", uid)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchrow("SELECT * FROM token_broker.read_oidc_links($1)", [uid])
     finally:
         await conn.close()
     async with running_broker(broker_env(product_db)) as b:
@@ -253,7 +263,7 @@ async def test_a_valid_token_costs_one_database_round_trip(db: Database) -> None
 
     async def run(calls: int) -> int:
         before = await commits()
-        env = broker_env(db, BROKER_HEALTH_INTERVAL="3600", BROKER_DB_POOL_MIN="1", BROKER_DB_POOL_MAX="2")
+        env = broker_env(db, BROKER_HEALTH_INTERVAL="3600", BROKER_DB_POOL_MIN="1", BROKER_DB_POOL_MAX="3")
         async with running_broker(env) as b:
             for _ in range(calls):
                 assert (await b.get(uid)).status == pb.TOKEN_STATUS_VALID

@@ -4,6 +4,7 @@ foreign keys from user_links' key-id columns), with the real oidc-provider for r
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import subprocess
@@ -20,7 +21,7 @@ from broker.config import Settings
 from broker.errors import ConfigError
 from broker.postgres.dbcrypt import KeysRejected, key_digest
 from broker.v1 import token_broker_pb2 as pb
-from tests.support.broker import broker_env, running_broker
+from tests.support.broker import broker_env, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -101,6 +102,26 @@ async def test_encrypted_rows_are_served_decrypted(product_db: Database) -> None
     async with running_broker(broker_env(product_db, BROKER_ENCRYPTION_KEYS=b64(key))) as b:
         r = await b.get(uid)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, "plain-access")
+
+
+async def test_a_rejected_encrypted_token_is_not_served_after_a_failed_forced_refresh(
+    product_db: Database, idp: OidcTestProvider
+) -> None:
+    """The rejection holds the SHA-256 of the plain token; the row holds ciphertext: the broker compares after
+    decrypting."""
+    key = os.urandom(32)
+    await add_key(product_db, 1, key)
+    issued = await idp.login(f"user-{uuid.uuid4()}")
+    uid = await encrypted_user(product_db, key, issued.access_token, issued.refresh_token, hour())
+    async with running_broker(broker_env(product_db, idp, BROKER_ENCRYPTION_KEYS=b64(key))) as b:
+        await warm_discovery(b)
+        idp.set_fault("down")
+        rejected = hashlib.sha256(issued.access_token.encode()).hexdigest()
+        await b.stub.GetOIDCAccessToken(
+            pb.GetOIDCAccessTokenRequest(user_id=str(uid), rejected_token_sha256=rejected), timeout=10
+        )
+        plain = await b.get(uid)
+    assert (plain.status, plain.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
 
 
 async def test_a_refresh_writes_back_encrypted_under_the_primary_and_the_go_program_reads_it(
@@ -206,6 +227,7 @@ async def test_a_primary_key_the_database_does_not_vouch_for_stops_start_up(prod
     await app.stop()
     assert b64(key) not in str(err.value)
     assert key_digest(key) in str(err.value)
+    assert "BROKER_ENCRYPTION_KEYS" in str(err.value)  # names the setting to fix
 
 
 def test_bad_keys_are_a_configuration_error_without_the_value() -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
-from tests.support.broker import BrokerProcess, RunningBroker, broker_env, running_broker
+from tests.support.broker import BrokerProcess, RunningBroker, broker_env, call_broker, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 
@@ -64,10 +67,10 @@ async def test_a_token_revoked_at_the_idp_ends_in_reauth_required(db: Database, 
     assert not idp.active(token)
     async with running_broker(broker_env(db, idp)) as b:
         r = await report(b, uid, token)
-        later = await b.get(uid)  # still stored, still unexpired: the broker serves it until a report or expiry
+        later = await b.get(uid)  # still stored and unexpired, but rejected: not served
         again = await report(b, uid, token)
     assert (r.status, r.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
-    assert later.access_token == token
+    assert (later.status, later.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
     assert (again.status, again.access_token) == (pb.TOKEN_STATUS_REAUTH_REQUIRED, "")
 
 
@@ -163,3 +166,69 @@ async def test_the_audit_line_records_the_report(
     assert [getattr(r, "rejected_token_reported", None) for r in audits] == [False, True]
     assert token not in caplog.text
     assert sha(token) not in caplog.text
+
+
+@dataclass
+class Outage:
+    """Two broker processes, and a user whose token the upstream rejected while the IdP was down."""
+
+    here: RunningBroker
+    other: BrokerProcess
+    uid: uuid.UUID
+    token: str
+    reported: pb.GetOIDCAccessTokenResponse
+
+    async def elsewhere(self) -> pb.GetOIDCAccessTokenResponse:
+        return await call_broker(self.other.target, self.uid, timeout=10)
+
+
+@asynccontextmanager
+async def rejected_during_an_outage(db: Database, idp: OidcTestProvider, tmp_path: Path) -> AsyncIterator[Outage]:
+    uid, token = await fresh_user(db, idp)
+    other = BrokerProcess(broker_env(db, idp), tmp_path / "other.log")
+    try:
+        async with running_broker(broker_env(db, idp)) as b:
+            await warm_discovery(b)
+            idp.set_fault("down")
+            yield Outage(b, other, uid, token, await report(b, uid, token))
+    finally:
+        other.stop()
+
+
+async def test_after_a_failed_forced_refresh_no_process_serves_the_rejected_token(
+    db: Database, idp: OidcTestProvider, tmp_path: Path
+) -> None:
+    """The IdP is down when the upstream's rejection is reported: that call, later plain calls, and plain calls on
+    another broker process answer "" with IDP_UNAVAILABLE (retry later; the user need not log in again). Once the
+    IdP is back, the next call refreshes, and every process serves the new token."""
+    async with rejected_during_an_outage(db, idp, tmp_path) as o:
+        plain = await o.here.get(o.uid)
+        elsewhere = await o.elsewhere()
+        idp.set_fault("ok")
+        after = await o.here.get(o.uid)
+        elsewhere_after = await o.elsewhere()
+    for r in (o.reported, plain, elsewhere):
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
+    assert after.status == pb.TOKEN_STATUS_REFRESHED
+    assert after.access_token not in ("", o.token)
+    assert idp.active(after.access_token)
+    assert (elsewhere_after.status, elsewhere_after.access_token) == (pb.TOKEN_STATUS_VALID, after.access_token)
+
+
+async def test_a_new_login_replaces_a_rejected_token(db: Database, idp: OidcTestProvider, tmp_path: Path) -> None:
+    """While the IdP stays down, a new login writes new tokens to the row: every process serves them at once."""
+    relogin = await idp.login(f"user-{uuid.uuid4()}")  # the code exchange needs the token endpoint: before the outage
+    async with rejected_during_an_outage(db, idp, tmp_path) as o:
+        before = await o.elsewhere()
+        await db.execute(
+            "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3 WHERE user_id = $1",
+            o.uid,
+            relogin.access_token,
+            relogin.refresh_token,
+        )
+        here = await o.here.get(o.uid)
+        elsewhere = await o.elsewhere()
+    for r in (o.reported, before):
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_IDP_UNAVAILABLE, "")
+    for r in (here, elsewhere):
+        assert (r.status, r.access_token) == (pb.TOKEN_STATUS_VALID, relogin.access_token)

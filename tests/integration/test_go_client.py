@@ -4,8 +4,13 @@ upstream that checks the Authorization header."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
+import subprocess
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -37,17 +42,16 @@ async def test_the_go_client_against_the_broker(db: Database, idp: OidcTestProvi
     assert "SKIP" not in out
 
 
-async def test_the_go_chat_worker_sends_the_header_only_with_a_token(db: Database) -> None:
-    oidc, password = uuid.uuid4(), uuid.uuid4()
-    await db.insert_link(oidc, "go-worker-token", "r", datetime.now(UTC) + timedelta(hours=1))
-    await db.insert_link(password, "", "", None, login_type="password")
+@contextmanager
+def upstream(token: str) -> Iterator[tuple[str, list[str | None]]]:
+    """A local upstream MCP endpoint: 200 to `Authorization: Bearer <token>`, else 401; (its URL, the headers seen)."""
     seen: list[str | None] = []
 
     class Upstream(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("content-length", 0)))
             seen.append(self.headers.get("authorization"))
-            self.send_response(200 if self.headers.get("authorization") == "Bearer go-worker-token" else 401)
+            self.send_response(200 if self.headers.get("authorization") == f"Bearer {token}" else 401)
             self.end_headers()
 
         def log_message(self, *args: object) -> None:
@@ -55,18 +59,55 @@ async def test_the_go_chat_worker_sends_the_header_only_with_a_token(db: Databas
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    upstream = f"http://127.0.0.1:{server.server_address[1]}/mcp"
     try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/mcp", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_the_go_chat_worker_sends_the_header_only_with_a_token(db: Database) -> None:
+    oidc, password = uuid.uuid4(), uuid.uuid4()
+    await db.insert_link(oidc, "go-worker-token", "r", datetime.now(UTC) + timedelta(hours=1))
+    await db.insert_link(password, "", "", None, login_type="password")
+    with upstream("go-worker-token") as (url, seen):
         async with running_broker(broker_env(db)) as b:
 
             def worker(user: uuid.UUID) -> str:
-                args = ("run", "./examples/go/chatworker", "-broker", b.target, "-upstream", upstream, str(user))
+                args = ("run", "./examples/go/chatworker", "-broker", b.target, "-upstream", url, str(user))
                 return run_go(*args, cwd=ROOT).strip()
 
             with_token = await asyncio.to_thread(worker, oidc)
             without = await asyncio.to_thread(worker, password)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (with_token, without) == ("200", "401")
     assert seen == ["Bearer go-worker-token", None]
+
+
+def documented_go_example() -> list[str]:
+    """The README's one command for the Go example (in its Go client section), as words."""
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    commands = [line for line in lines if line.startswith("make go-example ")]
+    assert len(commands) == 1, commands
+    return shlex.split(commands[0].split("#")[0])
+
+
+async def test_the_documented_make_go_example_builds_and_runs_the_worker(db: Database) -> None:
+    """The README's command, word for word, with this test's broker, upstream and user in its variables."""
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "go-example-token", "r", datetime.now(UTC) + timedelta(hours=1))
+    command = documented_go_example()
+    names = [word.split("=")[0] for word in command[2:]]
+    assert sorted(names) == ["BROKER", "UPSTREAM", "USER_ID"]
+    with upstream("go-example-token") as (url, seen):
+        async with running_broker(broker_env(db)) as b:
+            values = {"UPSTREAM": url, "USER_ID": str(uid), "BROKER": b.target}
+            argv = command[:2] + [f"{name}={values[name]}" for name in names]
+            # As typed in a shell: not as a sub-make of `make test` (which would add "Entering directory" lines).
+            shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+            out = await asyncio.to_thread(
+                subprocess.run, argv, cwd=ROOT, env=shell, capture_output=True, text=True, timeout=600, check=False
+            )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "200"
+    assert seen == ["Bearer go-example-token"]
+    assert not (ROOT / "clients" / "clients").exists()  # the GOPATH link, made once, never nested into clients/

@@ -52,6 +52,32 @@ async def test_the_sidecars_xfcc_is_the_callers_identity(db: Database, caplog: p
     assert getattr(audits[0], "caller", None) == f"uri:{WORKER}"
 
 
+async def test_identities_a_client_certificate_fabricates_are_refused(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What Envoy writes for certificates whose SANs carry separators (#21): a URI SAN `spiffe://evil/x;URI=<worker>`,
+    and an APPEND_FORWARD prefix ending in an open quote that would merge into the sidecar's element. Neither is the
+    worker: UNAUTHENTICATED, one WARNING; the honest header still passes."""
+    uid = await seeded(db)
+    env = broker_env(db, BROKER_TRUSTED_PROXY_IDENTITY="xfcc", BROKER_ALLOWED_CALLERS=WORKER)
+    sidecar = "By=spiffe://cluster.local/ns/auth/sa/token-broker;Hash=4a1b"
+    forged = [
+        f'{sidecar};Subject="";URI=spiffe://evil.example/x;URI={WORKER}',
+        f'URI={WORKER};Subject=",{sidecar};Subject="CN=x\\"";DNS=evil.example',
+    ]
+    with caplog.at_level(logging.WARNING, logger="broker.auth"):
+        async with running_broker(env) as b:
+            for header in forged * 2:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(b.target, uid, (("x-forwarded-client-cert", header),))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = await call(b.target, uid, (("x-forwarded-client-cert", XFCC),))
+    assert ok.access_token == "mesh-token"
+    refusals = [r.getMessage() for r in caplog.records if "refusing x-forwarded-client-cert" in r.getMessage()]
+    assert len(refusals) == 1
+    assert WORKER not in refusals[0]
+
+
 async def test_a_header_from_another_address_is_ignored_logged_once_and_counted(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256
 
 import asyncpg
 import pytest
@@ -76,6 +77,13 @@ async def test_planted_operator_never_runs_as_the_elevated_role(product_db: Data
         assert [r["access_token"] for r in rows] == ["oidc-access"]
         batch = await conn.fetch("SELECT * FROM token_broker.get_oidc_links($1)", [uid, uuid.uuid4()])
         assert [(r["user_id"], r["access_token"]) for r in batch] == [(uid, "oidc-access")]
+        await conn.execute("SELECT token_broker.reject_access_token($1, sha256('oidc-access'))", uid)
+        rows = await conn.fetch("SELECT * FROM token_broker.read_oidc_link($1)", uid)
+        assert [(r["access_token"], r["rejected_sha256"]) for r in rows] == [
+            ("oidc-access", sha256(b"oidc-access").digest())
+        ]
+        batch = await conn.fetch("SELECT * FROM token_broker.read_oidc_links($1)", [uid, uuid.uuid4()])
+        assert [(r["user_id"], r["access_token"]) for r in batch] == [(uid, "oidc-access")]
         async with conn.transaction():
             locked = await conn.fetch("SELECT * FROM token_broker.lock_oidc_link($1)", uid)
             assert [r["access_token"] for r in locked] == ["oidc-access"]
@@ -137,6 +145,7 @@ async def test_functions_resolve_nothing_outside_pg_catalog_first(product_db: Da
     paths = {r["proname"]: r["proconfig"] for r in rows}
     expected = {name: ["search_path=pg_catalog, pg_temp"] for name in paths}
     expected["store_refreshed"] = ["search_path=pg_catalog, public, pg_temp"]
-    for read in ("get_oidc_link", "get_oidc_links"):  # plpgsql with one cached generic plan
+    # The reads are plpgsql with one cached generic plan.
+    for read in ("get_oidc_link", "get_oidc_links", "read_oidc_link", "read_oidc_links"):
         expected[read] = [*expected[read], "plan_cache_mode=force_generic_plan"]
     assert paths == expected

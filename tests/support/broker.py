@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -137,7 +139,10 @@ async def postgres_store(db: Database) -> AsyncIterator[PostgresStore]:
 class BrokerProcess:
     """`python -m broker serve` as a separate OS process (a replica)."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False, stdout: int | None = None
+    ) -> None:
+        """`stdout`: a file descriptor for the process's stdout (then only stderr goes to `log_path`)."""
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
         full = dict(os.environ)
@@ -150,8 +155,8 @@ class BrokerProcess:
             [sys.executable, "-m", "broker", "serve"],
             env=full,
             cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=self._log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else self._log,
             start_new_session=True,  # its own process group, so a test can SIGKILL all of it
         )
         self.target = f"127.0.0.1:{self.port}"
@@ -167,11 +172,26 @@ class BrokerProcess:
                 try:
                     r = stub.Check(health_pb2.HealthCheckRequest(service="broker.v1.TokenBroker"), timeout=1)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        self._wait_every_worker(deadline)
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.1)
         raise RuntimeError("broker did not become ready")
+
+    def _wait_every_worker(self, deadline: float) -> None:
+        """With workers the pod is ready once one serves: wait until every worker does (as the log says)."""
+        while True:
+            entries = []
+            for line in self.log_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # the line being written
+                    entries.append(json.loads(line))
+            workers = next((e["workers"] for e in entries if e.get("msg") == "token-broker supervisor serving"), 0)
+            if sum(e.get("msg") == "token-broker serving" for e in entries) >= workers:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every worker started: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL the replica's process group, as an OOM kill or a lost node would."""

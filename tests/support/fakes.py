@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from broker.core.refresh.schedule import Note
 from broker.errors import IdpOutcomeUnknown, IdpRejected, IdpUnavailable, RefreshLockTimeout, StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 
@@ -61,6 +62,7 @@ class Faults:
     save_refreshed: int = 0
     heartbeat: bool = False
     clear_in_flight: int = 0
+    remember_rejected: int = 0
 
 
 @dataclass
@@ -76,6 +78,8 @@ class FakeStore:
     forced_at: dict[UUID, float] = field(default_factory=dict)
     keys: list[DbKey] = field(default_factory=list)  # the product's dbcrypt_keys rows, in their order
     deleted: set[UUID] = field(default_factory=set)  # users the product deleted: its trigger refuses their writes
+    rejected_access: dict[UUID, bytes] = field(default_factory=dict)
+    written: list[Note] = field(default_factory=list)  # notes of written refresh tokens (background schedule)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -86,7 +90,10 @@ class FakeStore:
         if self.faults.get:
             self.faults.get -= 1
             raise StoreUnavailable("fake: read failed")
-        return self.rows.get(user_id)
+        row = self.rows.get(user_id)
+        if row is None:
+            return None
+        return replace(row, access_rejected=self.rejected_access.get(user_id) == _sha(row.access_token))
 
     @asynccontextmanager
     async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[FakeLocked]:
@@ -174,6 +181,14 @@ class FakeStore:
     async def ping(self, *, timeout: float) -> bool:
         return True
 
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        await asyncio.sleep(0)
+        if self.faults.remember_rejected:
+            self.faults.remember_rejected -= 1
+            raise StoreUnavailable("fake: remembering the rejection failed")
+        self.rejected_access[user_id] = access_sha256
+        self.events.append("remember_rejected")
+
 
 @dataclass
 class FakeLocked:
@@ -200,6 +215,9 @@ class FakeLocked:
 
     async def note_forced(self) -> None:
         self.forced = True
+
+    async def note_written(self, note: Note) -> None:
+        self.store.written.append(note)
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None

@@ -1,6 +1,7 @@
 """A TCP proxy of the tests' own between the broker and PostgreSQL, to inject network faults on cue:
 
 - `cut()`: close every connection at once (RST-like for the broker) and refuse new ones until `heal()`;
+- `refuse_new()`: refuse new connections only, until `heal()`;
 - `silence()`: keep connections open but forward nothing, in either direction (a partition without RST: packets
   dropped), and accept new connections that never answer, until `heal()`.
 """
@@ -41,6 +42,11 @@ class FaultyProxy:
     def cut(self) -> None:
         self._refusing = True
         self._drop_all()
+
+    def refuse_new(self) -> None:
+        """Refuse new connections (reset at once) and keep the open ones: the database unreachable to a process
+        that connects now, while those already connected keep their pool."""
+        self._refusing = True
 
     def silence(self) -> None:
         self._open.clear()

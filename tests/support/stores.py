@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from uuid import UUID
 
 from broker.core.interfaces import LinkStore, LockedLink
+from broker.core.refresh.schedule import Note
 from broker.errors import StoreUnavailable
 from broker.model import DbKey, Link, RefreshedTokens, Secret
 
@@ -38,6 +39,9 @@ class DelegatingLocked:
 
     async def note_forced(self) -> None:
         await self.inner.note_forced()
+
+    async def note_written(self, note: Note) -> None:
+        await self.inner.note_written(note)
 
 
 class DelegatingStore:
@@ -76,6 +80,9 @@ class DelegatingStore:
 
     async def ping(self, *, timeout: float) -> bool:
         return await self.inner.ping(timeout=timeout)
+
+    async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
+        await self.inner.remember_rejected(user_id, access_sha256, timeout=timeout)
 
 
 class SavesFail(DelegatingStore):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from broker.config import Settings
+from broker.config import DB_POOL_SMALLEST, Settings, pool_shares
 from broker.errors import ConfigError
 
 BASE = {"BROKER_DATABASE_URL": "postgresql://svc:pw@db/app"}
@@ -32,7 +33,7 @@ def test_every_bad_variable_is_named_at_once() -> None:
         "BROKER_OIDC_TIMEOUT": "-1",
         "BROKER_LISTEN": "nope",
         "BROKER_LOG_LEVEL": "LOUD",
-        "BROKER_DB_POOL_MAX": "1",  # a refresh needs two connections
+        "BROKER_DB_POOL_MAX": "2",  # a read, a refresh and its in-flight marker need three
         "BROKER_OIDC_ISSUER": "http://idp.example.com",
         "BROKER_ALLOW_INSECURE": "maybe",
     }
@@ -144,3 +145,25 @@ def test_workers_setting() -> None:
     for bad in ({"BROKER_WORKERS": "0"}, {"BROKER_WORKERS": "many"}, {"BROKER_EVENT_LOOP": "trio"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             Settings.from_env({**base, **bad})
+
+
+def test_a_pool_below_the_smallest_that_works_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({**BASE, "BROKER_DB_POOL_MAX": str(DB_POOL_SMALLEST - 1)})
+    assert f"BROKER_DB_POOL_MAX: at least {DB_POOL_SMALLEST}, not {DB_POOL_SMALLEST - 1}" in str(err.value)
+    assert Settings.from_env({**BASE, "BROKER_DB_POOL_MAX": str(DB_POOL_SMALLEST)}).db_pool_max == DB_POOL_SMALLEST
+
+
+def test_every_pool_size_leaves_a_connection_beyond_the_reads_and_the_refreshes() -> None:
+    """A refresh holding its row lock always gets one for its in-flight marker; the readiness check one too."""
+    for size in range(DB_POOL_SMALLEST, 1001):
+        reads, refreshes = pool_shares(size)
+        assert reads >= 1
+        assert 1 <= refreshes <= size // 2
+        assert reads + refreshes + 1 <= size, size
+    assert [pool_shares(n) for n in (3, 4, 5, 6, 10)] == [(1, 1), (1, 2), (1, 2), (2, 3), (2, 5)]
+
+
+def test_the_charts_schema_states_the_same_smallest_pool() -> None:
+    schema = json.loads((Path(__file__).parents[2] / "helm/token-broker/values.schema.json").read_text())
+    assert schema["properties"]["broker"]["properties"]["dbPoolMax"]["minimum"] == DB_POOL_SMALLEST

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.errors import ConfigError
 from broker.model import DbKey
 from broker.postgres.dbcrypt import Cipher, DecryptFailed, KeysRejected, key_digest, parse_keys
 
@@ -74,12 +75,15 @@ class TestCipher:
         digest = key_digest(self.key)
         good = DbKey(digest, None, go_style(self.key, "coder"))
         Cipher([self.key]).check([good])
-        with pytest.raises(KeysRejected, match="not in dbcrypt_keys"):
-            Cipher([self.key]).check([DbKey(key_digest(self.old), None, go_style(self.old, "coder"))])
-        with pytest.raises(KeysRejected, match="revoked"):
-            Cipher([self.key]).check([DbKey(None, digest, go_style(self.key, "coder"))])
-        with pytest.raises(KeysRejected, match="test value"):
-            Cipher([self.key]).check([DbKey(digest, None, go_style(self.key, "not coder"))])
+        for rows, reason in (
+            ([DbKey(key_digest(self.old), None, go_style(self.old, "coder"))], "not in dbcrypt_keys"),
+            ([DbKey(None, digest, go_style(self.key, "coder"))], "revoked"),
+            ([DbKey(digest, None, go_style(self.key, "not coder"))], "test value"),
+        ):
+            with pytest.raises(KeysRejected, match=reason) as err:
+                Cipher([self.key]).check(rows)
+            assert str(err.value).startswith("BROKER_ENCRYPTION_KEYS")  # the refusal names the setting to fix
+            assert isinstance(err.value, ConfigError)  # exit 2: restarting cannot help
 
     def test_a_revoked_key_is_not_used_to_read(self) -> None:
         c = Cipher([self.key, self.old])

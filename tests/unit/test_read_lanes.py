@@ -175,3 +175,41 @@ async def test_renew_gives_back_idle_connections_and_reads_open_fresh_ones() -> 
     assert await reads.get("a", 1) is None
     assert source.opened == opened + 1
     await reads.close()
+
+
+async def test_a_batch_whose_callers_all_gave_up_is_not_sent_and_the_lane_keeps_its_connection() -> None:
+    """Sending it with no time left would cancel the statement mid-flight and kill a healthy connection."""
+    source, db = Source(), Db()
+    db.gate = asyncio.Event()
+    db.rows.update(a="row-a", d="row-d")
+    reads = lanes(source, db)
+    first = asyncio.create_task(reads.get("a", 5))
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(reads.get("c", 5))  # a caller that went away (its RPC was cancelled)
+    with pytest.raises(TimeoutError):
+        await reads.get("b", 0.01)  # the same batch: it waits for the busy lane
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    db.gate.set()
+    assert await first == "row-a"
+    assert await reads.get("d", 1) == "row-d"  # on the free lane at once
+    assert db.sent == [["a"], ["d"]]
+    assert (source.opened, source.returned) == (1, [])  # one connection, never terminated
+    await reads.close()
+
+
+async def test_only_the_keys_still_awaited_are_sent() -> None:
+    source, db = Source(), Db()
+    db.gate = asyncio.Event()
+    db.rows.update(a="row-a", c="row-c")
+    reads = lanes(source, db)
+    first = asyncio.create_task(reads.get("a", 5))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(reads.get("c", 5))
+    with pytest.raises(TimeoutError):
+        await reads.get("b", 0.01)
+    db.gate.set()
+    assert (await first, await waiting) == ("row-a", "row-c")
+    assert db.sent == [["a"], ["c"]]
+    await reads.close()

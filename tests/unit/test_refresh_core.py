@@ -4,8 +4,10 @@ and failures staged at each await. No sockets; the integration tests are the pro
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -371,6 +373,34 @@ class TestWriteBack:
         assert user not in store.markers
         await liveness.close()
 
+    async def test_a_retry_task_is_dropped_once_its_entry_landed(self) -> None:
+        """One task per user whose write-back failed; each is released once it landed (not kept for good)."""
+        clock = FakeClock()
+        store = FakeStore(clock)
+        users = [uuid.uuid4() for _ in range(20)]
+        for user in users:
+            store.put(link(user, 0, clock.now()))
+        liveness = Liveness(store, 0.01)
+        wb = WriteBack(store, liveness, NullObserver(), store_timeout=1.0, warn_after=30.0, clock=clock.now)
+        store.faults.save_refreshed = 2 * len(users)  # every entry fails at least once, then lands
+        for user in users:
+            wb.hold(user, Pending(store.rows[user], tokens(1, clock)))
+        names = {f"write-back:{u}" for u in users}
+        retries = [weakref.ref(t) for t in asyncio.all_tasks() if t.get_name() in names]
+        assert len(retries) == len(users)
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if not len(wb):
+                break
+        assert {store.rows[u].refresh_token.reveal() for u in users} == {"refresh-1"}
+        for _ in range(100):  # the tasks end right after their entry landed
+            await asyncio.sleep(0.01)
+            gc.collect()
+            if all(r() is None for r in retries):
+                break
+        assert [r() for r in retries if r() is not None] == []
+        await liveness.close()
+
 
 class TestForcedRefresh:
     """An upstream refused the access token the broker served: refresh once, never hand that token out again."""
@@ -431,3 +461,47 @@ class TestAgainstTheRotatingIdp:
         assert len(set(c.idp.sent)) == 3  # a resend would have been refused, and revoked the grant
         assert c.idp.sent[0] == grant.refresh_token
         assert (await idp.refresh(Secret(c.row_refresh()))).refresh_token  # the stored token is the live one
+
+    async def test_after_a_failed_forced_refresh_plain_calls_answer_no_token_until_a_refresh_succeeds(self) -> None:
+        c = make_core(IdpUnavailable("down"), IdpUnavailable("still down"), tokens(1, FakeClock()), expired=False)
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+        assert c.store.rejected_access == {c.user: Secret("access-0").sha256()}
+        r = await c.get()  # a plain call: no report, the stored token unexpired
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+        r = await c.get()  # the IdP answers again
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.REFRESHED, "access-1")
+        assert (await c.get()).status is TokenStatus.VALID  # the new token is not the rejected one
+        assert len(c.idp.sent) == 3
+
+    async def test_a_new_login_ends_the_rejection(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        c.store.put(link(c.user, 7, c.clock.now() + timedelta(hours=1)))
+        r = await c.get()
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.VALID, "access-7")
+
+    async def test_an_expired_rejected_token_is_handled_like_any_expired_token(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        c.store.put(replace(c.store.rows[c.user], refresh_token=Secret("")))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED  # not renewable, still unexpired
+        c.clock.advance(2 * 3600)
+        assert (await c.get()).status is TokenStatus.EXPIRED
+
+    async def test_reports_at_once_store_the_rejection_once(self) -> None:
+        c = make_core(tokens(1, FakeClock()), expired=False)
+        await asyncio.gather(*(c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256()) for _ in range(50)))
+        assert c.store.events.count("remember_rejected") == 1
+
+    async def test_a_rejection_that_cannot_be_stored_still_answers_no_rejected_token(self) -> None:
+        c = make_core(IdpUnavailable("down"), expired=False)
+        c.store.faults.remember_rejected = 1
+        r = await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")
+
+    async def test_a_stale_report_is_not_answered_with_a_current_token_that_was_rejected_too(self) -> None:
+        c = make_core(IdpUnavailable("down"), IdpUnavailable("still down"), expired=False)
+        await c.tokens.get_token(c.user, 5.0, Secret("access-0").sha256())
+        r = await c.tokens.get_token(c.user, 5.0, Secret("an-older-token").sha256())
+        assert (r.status, r.access_token.reveal()) == (TokenStatus.IDP_UNAVAILABLE, "")

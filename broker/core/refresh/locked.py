@@ -40,6 +40,7 @@ class LockedRefresh:
         self._obs = parts.observer
         self._clock = parts.clock
         self._tracer = parts.tracer
+        self._background = parts.background
 
     async def refresh(self, seen: Link, *, rejected: bytes | None = None) -> TokenResult:
         """Refresh `seen` (the row as the caller read it), or answer without the IdP when that is right. `rejected`:
@@ -79,6 +80,8 @@ class LockedRefresh:
                         UserLog(log, uid).warning("refreshed link vanished under the lock")
                     if forced:
                         await locked.note_forced()
+                    if self._background is not None:
+                        await locked.note_written(self._background.written(uid, tokens, self._clock()))
             self._liveness.release(uid, used)
             if rejected is not None:
                 self._obs.forced_refresh("refreshed")

@@ -9,6 +9,7 @@ from datetime import datetime
 from broker.core.interfaces import GuardedIdp, LinkStore, RefreshObserver
 from broker.core.refresh.liveness import Liveness
 from broker.core.refresh.rejections import RejectedTokens
+from broker.core.refresh.schedule import BackgroundSettings
 from broker.core.refresh.settings import RefreshSettings
 from broker.core.refresh.writeback import WriteBack
 from broker.model import utcnow
@@ -26,3 +27,4 @@ class RefreshParts:
     observer: RefreshObserver
     clock: Callable[[], datetime] = field(default=utcnow)
     tracer: Tracer = field(default=NULL_TRACER)
+    background: BackgroundSettings | None = None  # on: every write also records the new refresh token's hash

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -54,8 +55,10 @@ class WriteBack:
         store_timeout: float,
         warn_after: float,
         clock: Callable[[], datetime] = utcnow,
+        on_landed: Callable[[UUID, RefreshedTokens], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        self._on_landed = on_landed
         self._liveness = liveness
         self._obs = observer
         self._timeout = store_timeout
@@ -74,7 +77,9 @@ class WriteBack:
         self._liveness.hold(user_id, pending.previous_refresh)
         task = self._tasks.get(user_id)
         if task is None or task.done():
-            self._tasks[user_id] = asyncio.create_task(self._retry(user_id), name=f"write-back:{user_id}")
+            task = asyncio.create_task(self._retry(user_id), name=f"write-back:{user_id}")
+            self._tasks[user_id] = task
+            task.add_done_callback(functools.partial(self._retired, user_id))
 
     def pending(self, user_id: UUID) -> Pending | None:
         return self._pending.get(user_id)
@@ -145,10 +150,18 @@ class WriteBack:
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_BACKOFF)
 
+    def _retired(self, user_id: UUID, task: asyncio.Task[None]) -> None:
+        """A retry task that ended is dropped (one per user whose write-back ever failed would otherwise be kept for
+        the life of the process); a newer one for the same user is kept."""
+        if self._tasks.get(user_id) is task:
+            del self._tasks[user_id]
+
     async def _attempt(self, user_id: UUID, p: Pending) -> None:
         ok = await self._store.save_refreshed(p.previous, p.tokens, timeout=self._timeout)
         if ok:
             UserLog(log, user_id).info("rotated tokens written back")
+            if self._on_landed is not None:
+                await self._on_landed(user_id, p.tokens)
         else:
             UserLog(log, user_id).warning("rotated tokens not written: the link changed meanwhile (new login)")
         self._forget(user_id, p)

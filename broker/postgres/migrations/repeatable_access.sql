@@ -280,5 +280,218 @@ BEGIN
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.store_refreshed(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,'
         ' pg_catalog.text, pg_catalog.timestamptz, pg_catalog.text, pg_catalog.text, pg_catalog.bytea) TO %I', svc);
+
+    -- Since 0005: the access token an upstream rejected, remembered for every worker and replica. The reads are
+    -- get_oidc_link(s) plus the SHA-256 of a rejected access token of the link (NULL when none), which the broker
+    -- compares with the token it decrypted; get_oidc_link(s) stay, unchanged, for replicas of older versions.
+    REVOKE ALL ON token_broker.rejected_access FROM PUBLIC;
+    GRANT SELECT, INSERT, UPDATE ON token_broker.rejected_access TO token_broker_elevated;
+    GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.read_oidc_link(p_user_id pg_catalog.uuid)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool, rejected_sha256 pg_catalog.bytea)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.read_oidc_links(p_user_ids pg_catalog.uuid[])
+        RETURNS TABLE (user_id pg_catalog.uuid, access_token pg_catalog.text, refresh_token pg_catalog.text,
+                       expiry pg_catalog.timestamptz, access_key_id pg_catalog.text,
+                       refresh_key_id pg_catalog.text, account_disabled pg_catalog.bool,
+                       rejected_sha256 pg_catalog.bytea)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.user_id, l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            WHERE l.user_id OPERATOR(pg_catalog.=) ANY (p_user_ids)
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+    -- An upstream rejected the link's access token with this SHA-256 (of the plain token): committed on its own,
+    -- before the forced refresh, so that it holds whether that refresh succeeds, fails or never ends.
+    CREATE OR REPLACE FUNCTION token_broker.reject_access_token(p_user_id pg_catalog.uuid,
+                                                                p_access_sha256 pg_catalog.bytea)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.rejected_access (user_id, access_sha256, rejected_at)
+        VALUES (p_user_id, p_access_sha256, pg_catalog.clock_timestamp())
+        ON CONFLICT (user_id) DO UPDATE
+            SET access_sha256 = EXCLUDED.access_sha256, rejected_at = EXCLUDED.rejected_at
+    $body$;
+    ALTER FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
+    REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.read_oidc_link(pg_catalog.uuid) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.read_oidc_links(pg_catalog.uuid[]) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.reject_access_token(pg_catalog.uuid, pg_catalog.bytea) TO %I', svc);
+END
+$$;
+
+-- Living beside the product's own refreshers (0006): which users are active, when their token is refreshed in the
+-- background, and the refresh token a broker last wrote or saw (SHA-256 only). A separate block, so that what the
+-- previous release calls above stays exactly as it was.
+DO $$
+DECLARE
+    svc text := pg_catalog.current_setting('token_broker.service_role');
+BEGIN
+    REVOKE ALL ON token_broker.refresh_schedule FROM PUBLIC;
+    GRANT SELECT, INSERT, UPDATE ON token_broker.refresh_schedule TO token_broker_elevated;
+    GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
+
+    -- Links a broker read (p_seen: a caller asked; else the scheduler looked) or wrote, in one batch. For each: the
+    -- background refresh is due at GREATEST(expiry - ahead, expiry - lifetime / 2), never before half the token's
+    -- lifetime; a refresh token that is neither the last one recorded nor the one before (a stale read) is a
+    -- rotation no broker made. Returns those, with whether it is the first for the user within p_log_after seconds.
+    CREATE OR REPLACE FUNCTION token_broker.note_links(
+        p_user_ids pg_catalog.uuid[], p_refresh_sha256 pg_catalog.bytea[], p_expiry pg_catalog.timestamptz[],
+        p_ahead_seconds pg_catalog.float8[], p_lifetime_seconds pg_catalog.float8[], p_seen pg_catalog.bool,
+        p_written pg_catalog.bool, p_log_after pg_catalog.float8)
+    RETURNS TABLE (user_id pg_catalog.uuid, first_in_window pg_catalog.bool)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+    DECLARE
+        n record;
+        s token_broker.refresh_schedule%ROWTYPE;
+        now_ pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+        lifetime pg_catalog.float8;
+        due pg_catalog.timestamptz;
+        foreign_ pg_catalog.bool;
+    BEGIN
+        FOR n IN
+            SELECT * FROM ROWS FROM (pg_catalog.unnest(p_user_ids), pg_catalog.unnest(p_refresh_sha256),
+                pg_catalog.unnest(p_expiry), pg_catalog.unnest(p_ahead_seconds), pg_catalog.unnest(p_lifetime_seconds))
+                AS x(uid, sha, expiry, ahead, lifetime)
+            ORDER BY 1
+        LOOP
+            SELECT * INTO s FROM token_broker.refresh_schedule r
+            WHERE r.user_id OPERATOR(pg_catalog.=) n.uid FOR UPDATE;
+            lifetime := COALESCE(n.lifetime, s.lifetime_seconds);
+            due := NULL;
+            IF n.expiry IS NOT NULL THEN
+                due := n.expiry OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => n.ahead);
+                IF lifetime IS NOT NULL THEN
+                    due := GREATEST(due, n.expiry OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => lifetime OPERATOR(pg_catalog./) 2));
+                END IF;
+            END IF;
+            IF s.user_id IS NULL THEN
+                INSERT INTO token_broker.refresh_schedule (user_id, seen_at, due_at, lifetime_seconds, refresh_sha256)
+                VALUES (n.uid, now_, due, lifetime, n.sha);
+                CONTINUE;
+            END IF;
+            IF (n.sha OPERATOR(pg_catalog.=) s.previous_sha256) AND NOT p_written THEN
+                -- A read from before a broker's write landed: nothing new about the token.
+                UPDATE token_broker.refresh_schedule r
+                SET seen_at = CASE WHEN p_seen THEN now_ ELSE r.seen_at END
+                WHERE r.user_id OPERATOR(pg_catalog.=) n.uid;
+                CONTINUE;
+            END IF;
+            foreign_ := NOT p_written AND s.refresh_sha256 IS NOT NULL
+                AND (n.sha OPERATOR(pg_catalog.<>) s.refresh_sha256);
+            UPDATE token_broker.refresh_schedule r
+            SET seen_at = CASE WHEN p_seen THEN now_ ELSE r.seen_at END,
+                due_at = due,
+                claimed_until = CASE WHEN p_seen THEN r.claimed_until END,
+                lifetime_seconds = lifetime,
+                previous_sha256 = CASE WHEN n.sha OPERATOR(pg_catalog.=) r.refresh_sha256 THEN r.previous_sha256
+                                       ELSE r.refresh_sha256 END,
+                refresh_sha256 = n.sha,
+                foreign_logged_at = CASE
+                    WHEN foreign_ AND (r.foreign_logged_at IS NULL OR r.foreign_logged_at
+                        OPERATOR(pg_catalog.<) (now_ OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => p_log_after)))
+                    THEN now_ ELSE r.foreign_logged_at END
+            WHERE r.user_id OPERATOR(pg_catalog.=) n.uid;
+            IF foreign_ THEN
+                user_id := n.uid;
+                first_in_window := s.foreign_logged_at IS NULL OR s.foreign_logged_at
+                    OPERATOR(pg_catalog.<) (now_ OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => p_log_after));
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END $body$;
+
+    -- The due background refreshes, each claimed by one replica for p_claim_seconds: an index range scan over the
+    -- due rows only. A due user who has gone idle (no caller within p_active_seconds) is unscheduled instead.
+    CREATE OR REPLACE FUNCTION token_broker.claim_due_refreshes(
+        p_limit pg_catalog.int4, p_claim_seconds pg_catalog.float8, p_active_seconds pg_catalog.float8)
+    RETURNS TABLE (user_id pg_catalog.uuid, refresh_sha256 pg_catalog.bytea)
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        WITH due AS (
+            SELECT r.user_id,
+                   r.seen_at OPERATOR(pg_catalog.>=) (pg_catalog.clock_timestamp()
+                       OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => p_active_seconds)) AS active
+            FROM token_broker.refresh_schedule r
+            WHERE r.due_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()
+              AND (r.claimed_until IS NULL OR r.claimed_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
+            ORDER BY r.due_at
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE token_broker.refresh_schedule r
+            SET claimed_until = CASE WHEN due.active THEN (pg_catalog.clock_timestamp()
+                    OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => p_claim_seconds)) END,
+                due_at = CASE WHEN due.active THEN r.due_at END
+            FROM due
+            WHERE r.user_id OPERATOR(pg_catalog.=) due.user_id
+            RETURNING r.user_id, r.refresh_sha256, due.active
+        )
+        SELECT c.user_id, c.refresh_sha256 FROM claimed c WHERE c.active
+    $body$;
+
+    -- A background refresh that needs nothing more (the user went, the IdP refused): unscheduled until seen again.
+    CREATE OR REPLACE FUNCTION token_broker.unschedule_refresh(p_user_id pg_catalog.uuid)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        UPDATE token_broker.refresh_schedule SET due_at = NULL, claimed_until = NULL
+        WHERE user_id OPERATOR(pg_catalog.=) p_user_id
+    $body$;
+
+    ALTER FUNCTION token_broker.note_links(pg_catalog.uuid[], pg_catalog.bytea[], pg_catalog.timestamptz[],
+        pg_catalog.float8[], pg_catalog.float8[], pg_catalog.bool, pg_catalog.bool, pg_catalog.float8)
+        OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.claim_due_refreshes(pg_catalog.int4, pg_catalog.float8, pg_catalog.float8)
+        OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.unschedule_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.note_links(pg_catalog.uuid[], pg_catalog.bytea[], pg_catalog.timestamptz[],
+        pg_catalog.float8[], pg_catalog.float8[], pg_catalog.bool, pg_catalog.bool, pg_catalog.float8) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.claim_due_refreshes(pg_catalog.int4, pg_catalog.float8, pg_catalog.float8)
+        FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.unschedule_refresh(pg_catalog.uuid) FROM PUBLIC;
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.note_links(pg_catalog.uuid[], pg_catalog.bytea[],'
+        ' pg_catalog.timestamptz[], pg_catalog.float8[], pg_catalog.float8[], pg_catalog.bool, pg_catalog.bool,'
+        ' pg_catalog.float8) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.claim_due_refreshes(pg_catalog.int4, pg_catalog.float8,'
+        ' pg_catalog.float8) TO %I', svc);
+    EXECUTE pg_catalog.format(
+        'GRANT EXECUTE ON FUNCTION token_broker.unschedule_refresh(pg_catalog.uuid) TO %I', svc);
 END
 $$;
