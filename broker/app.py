@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health
@@ -22,9 +22,10 @@ from prometheus_client import CollectorRegistry
 from broker import __version__
 from broker.config import Settings
 from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
-from broker.core.interfaces import Gatekeeper, IdentityProvider, LinkStore
+from broker.core.interfaces import ExchangeStore, Gatekeeper, IdentityProvider, LinkStore, TokenExchanger
+from broker.core.resources import ResourcePolicy
 from broker.idp import OidcRefresher
-from broker.postgres import Cipher, PostgresStore, parse_keys
+from broker.postgres import Cipher, PostgresExchangeStore, PostgresStore, parse_keys
 from broker.server import (
     SERVICE_NAME,
     CallerGate,
@@ -35,6 +36,7 @@ from broker.server import (
     TokenBrokerServicer,
     listen,
     load_caller_tokens,
+    load_policy,
 )
 from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 from broker.telemetry.metrics import Metrics
@@ -72,12 +74,35 @@ def build_service(
     idp: IdentityProvider | None,
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
+    *,
+    exchange_store: ExchangeStore | None = None,
+    policy: ResourcePolicy | None = None,
 ) -> Service:
-    """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
+    """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O. With an
+    exchange store, requests naming a resource get a token exchanged for it (when `policy` allows the caller)."""
     circuit = CircuitSettings(settings.circuit_failures, settings.circuit_open_seconds)
-    domain = build_domain(refresh_settings(settings), circuit, store, idp, metrics, tracer)
+    exchanger = cast(TokenExchanger, idp) if callable(getattr(idp, "exchange", None)) else None
+    domain = build_domain(
+        refresh_settings(settings),
+        circuit,
+        store,
+        idp,
+        metrics,
+        tracer,
+        exchange_store=exchange_store,
+        exchanger=exchanger,
+        exchange_observer=metrics,
+    )
     metrics.bind_unpersisted(domain.unpersisted)
-    return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout), domain)
+    servicer = TokenBrokerServicer(
+        domain.tokens,
+        settings.request_timeout,
+        exchange=domain.exchange,
+        policy=policy,
+        passthrough=settings.passthrough == "allow",
+        on_denied=metrics.resource_denied,
+    )
+    return Service(servicer, domain)
 
 
 class App:
@@ -94,7 +119,9 @@ class App:
         store: LinkStore | None = None,
         idp: IdentityProvider | None = None,
         tracer: Tracer | None = None,
+        exchange_store: ExchangeStore | None = None,
     ) -> None:
+        self.exchange_store = exchange_store
         if store is None:
             settings.require_database()
         self.settings = settings
@@ -121,8 +148,23 @@ class App:
         await self._health.set("", listen.SERVING)
         await self._health.set(SERVICE_NAME, listen.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
+        policy = None
+        if self.settings.resources_file is not None:
+            policy = load_policy(self.settings.resources_file, self.settings.allowed_callers)
+            log.info("resource policy loaded", extra={"resources": len(policy)})
         store = await self._open_store()
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
+        exchange_store = self.exchange_store
+        if exchange_store is None and isinstance(store, PostgresStore):
+            exchange_store = PostgresExchangeStore(store)
+        service = build_service(
+            self.settings,
+            store,
+            await self._open_idp(),
+            self.metrics,
+            self.tracer,
+            exchange_store=exchange_store,
+            policy=policy,
+        )
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)

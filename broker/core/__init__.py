@@ -6,6 +6,7 @@ that): the adapters live in `broker.postgres`, `broker.idp` and `broker.server`.
 - `policy`: pure refresh decisions;
 - `tokens`: the use case (read, decide, serve or refresh);
 - `circuit`: the IdP circuit breaker;
+- `resources`, `exchange`: the resource policy, and tokens exchanged for one resource (RFC 8693);
 - `refresh/`: the refresh core, one guarantee per module.
 
 `build_domain()` wires it all around a store and an IdP; the composition root (`broker.app`) calls it.
@@ -16,7 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.core.circuit import CircuitBreaker
-from broker.core.interfaces import GuardedIdp, IdentityProvider, LinkStore, RefreshObserver
+from broker.core.exchange import ExchangeService, GuardedExchanger
+from broker.core.interfaces import (
+    ExchangeObserver,
+    ExchangeStore,
+    GuardedIdp,
+    IdentityProvider,
+    LinkStore,
+    NullObserver,
+    RefreshObserver,
+    TokenExchanger,
+)
 from broker.core.refresh import Refresher, RefreshSettings
 from broker.core.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
 from broker.core.refresh.liveness import Liveness
@@ -26,7 +37,7 @@ from broker.core.refresh.writeback import WriteBack
 from broker.core.tokens import TokenService
 from broker.telemetry.tracing import NULL_TRACER, Tracer
 
-__all__ = ["CircuitSettings", "Domain", "RefreshSettings", "TokenService", "build_domain"]
+__all__ = ["CircuitSettings", "Domain", "ExchangeService", "RefreshSettings", "TokenService", "build_domain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +55,8 @@ class Domain:
     tokens: TokenService
     refresher: Refresher
     writeback: WriteBack
+    exchange: ExchangeService | None = None
+    """Tokens exchanged for one resource; None without an exchange store."""
 
     async def drain(self, timeout: float) -> None:
         """At shutdown: let refreshes in flight finish and give pending write-backs a last attempt."""
@@ -61,8 +74,15 @@ def build_domain(
     idp: IdentityProvider | None,
     observer: RefreshObserver,
     tracer: Tracer = NULL_TRACER,
+    *,
+    exchange_store: ExchangeStore | None = None,
+    exchanger: TokenExchanger | None = None,
+    exchange_observer: ExchangeObserver | None = None,
 ) -> Domain:
-    """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O."""
+    """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O.
+
+    With `exchange_store`, also the token exchange (`exchanger`, None: none possible) through the same circuit as
+    the refresh grant."""
     breaker = CircuitBreaker(
         circuit.failures, circuit.open_seconds, on_change=lambda st: observer.circuit_state(int(st))
     )
@@ -76,4 +96,9 @@ def build_domain(
     )
     refresher = Refresher(parts)
     tokens = TokenService(store, refresher, writeback, settings, observer=observer, tracer=tracer)
-    return Domain(tokens, refresher, writeback)
+    exchange = None
+    if exchange_store is not None:
+        watcher = exchange_observer or NullObserver()
+        guarded_exchanger = None if exchanger is None else GuardedExchanger(exchanger, breaker, watcher, tracer)
+        exchange = ExchangeService(tokens, exchange_store, guarded_exchanger, settings, observer=watcher, tracer=tracer)
+    return Domain(tokens, refresher, writeback, exchange)

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from broker.errors import ConfigError
-from broker.server.entry import Rejected
+from broker.server.entry import Rejected, record_identities
 from broker.server.mesh import MeshIdentity
 
 log = logging.getLogger("broker.auth")
@@ -125,6 +125,7 @@ class CallerGate:
             if name is None:
                 raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
             identities.append(f"token:{name}")
+        record_identities(identities)
         if not identities and self._require:
             raise Rejected(
                 grpc.StatusCode.UNAUTHENTICATED, "caller identity required: a client certificate or a caller token"
