@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.support.idp import OidcTestProvider
+from tests.support.mcp import McpStandIn
 from tests.support.pg import Database, DatabaseFactory, PgServer
 
 
@@ -49,3 +50,11 @@ def idp(idp_server: OidcTestProvider) -> Iterator[OidcTestProvider]:
     idp_server.set_fault("ok")
     yield idp_server
     idp_server.set_fault("ok")
+
+
+@pytest.fixture(scope="session")
+def mcp(idp_server: OidcTestProvider) -> Iterator[McpStandIn]:
+    """An MCP-server stand-in that accepts only tokens the test IdP issued for it (by its JWKS)."""
+    server = McpStandIn(idp_server)
+    yield server
+    server.close()
