@@ -5,8 +5,10 @@ and deduplicated across callers and replicas in PostgreSQL; the resource policy;
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,9 @@ import asyncpg
 import grpc
 import pytest
 import yaml
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.postgres.dbcrypt import key_digest
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
@@ -340,3 +344,27 @@ async def test_exchanged_tokens_are_readable_only_by_the_elevated_role(db: Datab
             await conn.fetch("SELECT * FROM token_broker.exchanged_tokens")
     finally:
         await conn.close()
+
+
+async def test_exchanged_tokens_are_encrypted_at_rest_when_keys_are_configured(
+    product_db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path
+) -> None:
+    key = os.urandom(32)
+    nonce = os.urandom(12)
+    test_value = base64.b64encode(nonce + AESGCM(key).encrypt(nonce, b"coder", None)).decode()
+    await product_db.execute(
+        "INSERT INTO dbcrypt_keys (number, active_key_digest, test) VALUES (1, $1, $2)", key_digest(key), test_value
+    )
+    resource = mcp.resource()
+    idp.allow_exchange(resource)
+    uid, _ = await logged_in(product_db, idp, users_table=True)
+    env = broker_env(product_db, idp, BROKER_ENCRYPTION_KEYS=base64.b64encode(key).decode())
+    async with running_broker({**env, **files(tmp_path, [entry(resource)])}) as b:
+        first = await ask(b.stub, uid, resource)
+        cached = await ask(b.stub, uid, resource)
+    row = await product_db.fetchrow("SELECT access_token, access_key_id FROM token_broker.exchanged_tokens")
+    assert row is not None
+    assert row["access_key_id"] == key_digest(key)
+    assert row["access_token"] != first.access_token
+    assert first.access_token not in row["access_token"]
+    assert (cached.status, cached.access_token) == (pb.TOKEN_STATUS_VALID, first.access_token)
