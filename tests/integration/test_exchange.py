@@ -19,8 +19,12 @@ import grpc
 import pytest
 import yaml
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.postgres.dbcrypt import key_digest
+from broker.telemetry.tracing import OtelTracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
@@ -368,3 +372,29 @@ async def test_exchanged_tokens_are_encrypted_at_rest_when_keys_are_configured(
     assert row["access_token"] != first.access_token
     assert first.access_token not in row["access_token"]
     assert (cached.status, cached.access_token) == (pb.TOKEN_STATUS_VALID, first.access_token)
+
+
+async def test_the_exchange_is_an_idp_exchange_span_in_the_rpcs_trace(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    resource = mcp.resource()
+    idp.allow_exchange(resource)
+    uid, _ = await logged_in(db, idp)
+    try:
+        env = broker_env(db, idp, **files(tmp_path, [entry(resource)]))
+        async with running_broker(env, tracer=OtelTracer(provider)) as b:
+            answer = await ask(b.stub, uid, resource)
+    finally:
+        provider.shutdown()
+    finished = {s.name: s for s in exporter.get_finished_spans()}
+    server = finished["/broker.v1.TokenBroker/GetOIDCAccessToken"]
+    span = finished["idp.exchange"]
+    assert span.context.trace_id == server.context.trace_id
+    assert span.attributes is not None
+    assert span.attributes["token_broker.resource"] == resource
+    assert server.attributes is not None
+    assert server.attributes["token_broker.resource"] == resource
+    assert answer.access_token not in json.dumps([dict(s.attributes or {}) for s in finished.values()])
