@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import httpx2
 import pytest
 import yaml
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -23,10 +24,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from broker.client import SyncTokenBrokerClient, TokenBrokerClient
+from broker.model import TokenStatus
 from broker.postgres.dbcrypt import key_digest
 from broker.telemetry.tracing import OtelTracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
+from examples.chat_worker import call_mcp
 from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.mcp import McpStandIn
@@ -398,3 +402,25 @@ async def test_the_exchange_is_an_idp_exchange_span_in_the_rpcs_trace(
     assert server.attributes is not None
     assert server.attributes["token_broker.resource"] == resource
     assert answer.access_token not in json.dumps([dict(s.attributes or {}) for s in finished.values()])
+
+
+async def test_the_python_client_and_the_chat_worker_ask_for_a_token_for_the_mcp_server(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path
+) -> None:
+    resource = mcp.resource()
+    idp.allow_exchange(resource)
+    uid, login = await logged_in(db, idp)
+    async with running_broker(broker_env(db, idp, **files(tmp_path, [entry(resource)]))) as b:
+        async with TokenBrokerClient(b.target, caller_token=CHAT) as client, httpx2.AsyncClient(timeout=10) as http:
+            token = await client.get_token(str(uid), resource=resource)
+            headers = await client.bearer_headers(str(uid), resource=resource)
+            bound = await call_mcp(client, http, resource, str(uid), audience_bound=True)
+            passthrough = await call_mcp(client, http, resource, str(uid))
+        with SyncTokenBrokerClient(b.target, caller_token=CHAT) as sync:  # off the loop the server runs on
+            same = await asyncio.to_thread(sync.get_token, str(uid), resource=resource)
+    assert token.status is TokenStatus.REFRESHED
+    assert token.access_token != login
+    assert headers == {"Authorization": f"Bearer {token.access_token}"}
+    assert same.access_token == token.access_token
+    assert bound == 200
+    assert passthrough == 401  # the login token is refused by the MCP server, as the specification requires
