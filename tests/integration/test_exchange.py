@@ -415,9 +415,9 @@ async def test_the_python_client_and_the_chat_worker_ask_for_a_token_for_the_mcp
             token = await client.get_token(str(uid), resource=resource)
             headers = await client.bearer_headers(str(uid), resource=resource)
             bound = await call_mcp(client, http, resource, str(uid), audience_bound=True)
-            passthrough = await call_mcp(client, http, resource, str(uid))
-        with SyncTokenBrokerClient(b.target, caller_token=CHAT) as sync:  # off the loop the server runs on
-            same = await asyncio.to_thread(sync.get_token, str(uid), resource=resource)
+            with SyncTokenBrokerClient(b.target, caller_token=CHAT) as sync:  # off the loop the server runs on
+                same = await asyncio.to_thread(sync.get_token, str(uid), resource=resource)
+            passthrough = await call_mcp(client, http, resource, str(uid))  # refused, reported, refused again
     assert token.status is TokenStatus.REFRESHED
     assert token.access_token != login
     assert headers == {"Authorization": f"Bearer {token.access_token}"}
