@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,8 @@ from broker.telemetry.tracing import OtelTracer
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from examples.chat_worker import call_mcp
-from tests.support.broker import BrokerProcess, broker_env, running_broker, warm_discovery
+from tests.support.broker import ROOT, BrokerProcess, broker_env, running_broker, warm_discovery
+from tests.support.golang import client_dir, run_go
 from tests.support.idp import OidcTestProvider
 from tests.support.mcp import McpStandIn
 from tests.support.pg import Database
@@ -410,17 +412,56 @@ async def test_the_python_client_and_the_chat_worker_ask_for_a_token_for_the_mcp
     resource = mcp.resource()
     idp.allow_exchange(resource)
     uid, login = await logged_in(db, idp)
-    async with running_broker(broker_env(db, idp, **files(tmp_path, [entry(resource)]))) as b:
-        async with TokenBrokerClient(b.target, caller_token=CHAT) as client, httpx2.AsyncClient(timeout=10) as http:
-            token = await client.get_token(str(uid), resource=resource)
-            headers = await client.bearer_headers(str(uid), resource=resource)
-            bound = await call_mcp(client, http, resource, str(uid), audience_bound=True)
-            with SyncTokenBrokerClient(b.target, caller_token=CHAT) as sync:  # off the loop the server runs on
-                same = await asyncio.to_thread(sync.get_token, str(uid), resource=resource)
-            passthrough = await call_mcp(client, http, resource, str(uid))  # refused, reported, refused again
+    env = broker_env(db, idp, **files(tmp_path, [entry(resource)]))
+    async with (
+        running_broker(env) as b,
+        httpx2.AsyncClient(timeout=10) as http,
+        TokenBrokerClient(b.target, caller_token=CHAT) as client,
+    ):
+        token = await client.get_token(str(uid), resource=resource)
+        headers = await client.bearer_headers(str(uid), resource=resource)
+        bound = await call_mcp(client, http, resource, str(uid), audience_bound=True)
+        with SyncTokenBrokerClient(b.target, caller_token=CHAT) as sync:  # off the loop the server runs on
+            same = await asyncio.to_thread(sync.get_token, str(uid), resource=resource)
+        passthrough = await call_mcp(client, http, resource, str(uid))  # refused, reported, refused again
     assert token.status is TokenStatus.REFRESHED
     assert token.access_token != login
     assert headers == {"Authorization": f"Bearer {token.access_token}"}
     assert same.access_token == token.access_token
     assert bound == 200
     assert passthrough == 401  # the login token is refused by the MCP server, as the specification requires
+
+
+async def test_the_go_and_node_clients_ask_for_a_token_for_the_mcp_server(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path
+) -> None:
+    resource = mcp.resource()
+    idp.allow_exchange(resource)
+    uid, login = await logged_in(db, idp)
+    async with running_broker(broker_env(db, idp, **files(tmp_path, [entry(resource)]))) as b:
+        env = {
+            "TB_TARGET": b.target,
+            "TB_RESOURCE": resource,
+            "TB_CALLER_TOKEN": CHAT,
+            "TB_USER": str(uid),
+            "TB_LOGIN_TOKEN": login,
+        }
+        go = await asyncio.to_thread(
+            run_go, "test", "-count=1", "-v", "-run", "TestAudienceBound", "./...", cwd=client_dir(), env=env
+        )
+        node = await asyncio.to_thread(
+            subprocess.run,
+            ["node", "--test", "--test-name-pattern", "audience-bound"],
+            cwd=ROOT / "clients" / "node",
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert "--- PASS: TestAudienceBound" in go
+    assert node.returncode == 0, node.stdout + node.stderr
+    assert "# fail 0" in node.stdout
+    tokens = {line.split("=", 1)[1] for line in (go + node.stdout).splitlines() if line.startswith("TB_BOUND_TOKEN=")}
+    assert len(tokens) == 1  # both were served the one exchanged token
+    assert mcp.call(resource, tokens.pop()) == 200
