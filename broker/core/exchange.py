@@ -134,6 +134,8 @@ class ExchangeService:
         self._tracer = tracer
         self._clock = clock
         self._flights: dict[tuple[UUID, tuple[str, str, str], bytes, bytes | None], asyncio.Task[TokenResult]] = {}
+        # Each exchange holds a pooled connection (the key's lock) across the IdP call: bounded like refreshes.
+        self._slots = asyncio.Semaphore(max(1, settings.max_concurrent))
 
     async def get_token(
         self, user_id: UUID, entry: ResourceEntry, budget: float, rejected: bytes | None = None
@@ -230,7 +232,14 @@ class ExchangeService:
     ) -> TokenResult:
         ulog = UserLog(log, user_id)
         try:
-            return await self._locked(user_id, entry, subject, rejected)
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=self._settings.lock_timeout)
+            except TimeoutError:
+                raise RefreshLockTimeout("too many token exchanges queued in this process") from None
+            try:
+                return await self._locked(user_id, entry, subject, rejected)
+            finally:
+                self._slots.release()
         except (IdpUnavailable, RefreshLockTimeout) as exc:
             ulog.warning("token exchange not done: %s", exc)
             return self._fallback(seen, rejected, TokenStatus.IDP_UNAVAILABLE)
