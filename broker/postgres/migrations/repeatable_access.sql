@@ -264,9 +264,12 @@ BEGIN
     RETURNS TABLE (access_token pg_catalog.text, access_key_id pg_catalog.text, expiry pg_catalog.timestamptz,
                    lifetime_seconds pg_catalog.float8, subject_sha256 pg_catalog.bytea,
                    denied_seconds pg_catalog.float8, forced_seconds_ago pg_catalog.float8)
-    LANGUAGE sql STABLE SECURITY DEFINER
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
-    AS $body$
+    SET plan_cache_mode = force_generic_plan
+    AS $body$ BEGIN
+        -- plpgsql with a generic plan, as get_oidc_link: the cached path runs it on every request.
+        RETURN QUERY
         SELECT e.access_token, e.access_key_id, e.expiry,
                pg_catalog.date_part('epoch', e.expiry OPERATOR(pg_catalog.-) e.exchanged_at),
                e.subject_sha256,
@@ -274,8 +277,8 @@ BEGIN
                pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) e.forced_at)
         FROM token_broker.exchanged_tokens e
         WHERE e.user_id OPERATOR(pg_catalog.=) p_user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
-          AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope
-    $body$;
+          AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope;
+    END $body$;
     CREATE OR REPLACE FUNCTION token_broker.lock_exchanged_token(p_user_id pg_catalog.uuid,
         p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
     RETURNS TABLE (access_token pg_catalog.text, access_key_id pg_catalog.text, expiry pg_catalog.timestamptz,
