@@ -289,16 +289,9 @@ BEGIN
     AS $body$ BEGIN
         PERFORM pg_catalog.pg_advisory_xact_lock(1952608869, pg_catalog.hashtext(
             pg_catalog.format('%s|%s|%s|%s', p_user_id, p_resource, p_audience, p_scope)));
-        -- A statement after the lock: its snapshot sees what the previous holder committed.
-        RETURN QUERY
-        SELECT e.access_token, e.access_key_id, e.expiry,
-               pg_catalog.date_part('epoch', e.expiry OPERATOR(pg_catalog.-) e.exchanged_at),
-               e.subject_sha256,
-               pg_catalog.date_part('epoch', e.denied_until OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()),
-               pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) e.forced_at)
-        FROM token_broker.exchanged_tokens e
-        WHERE e.user_id OPERATOR(pg_catalog.=) p_user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
-          AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope;
+        -- A statement after the lock (this function is VOLATILE, so it takes a new snapshot): it sees what the
+        -- previous holder committed.
+        RETURN QUERY SELECT * FROM token_broker.get_exchanged_token(p_user_id, p_resource, p_audience, p_scope);
     END $body$;
     CREATE OR REPLACE FUNCTION token_broker.store_exchanged_token(p_user_id pg_catalog.uuid,
         p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text,
