@@ -465,3 +465,20 @@ async def test_the_go_and_node_clients_ask_for_a_token_for_the_mcp_server(
     tokens = {line.split("=", 1)[1] for line in (go + node.stdout).splitlines() if line.startswith("TB_BOUND_TOKEN=")}
     assert len(tokens) == 1  # both were served the one exchanged token
     assert mcp.call(resource, tokens.pop()) == 200
+
+
+async def test_a_broker_client_the_idp_refuses_is_exchange_denied_and_logged_for_the_operator(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    resource = mcp.resource()
+    idp.allow_exchange(resource)
+    uid, login = await logged_in(db, idp)
+    env = {**broker_env(db, idp, BROKER_OIDC_CLIENT_SECRET="not-the-secret"), **files(tmp_path, [entry(resource)])}
+    async with running_broker(env) as b:
+        answer = await ask(b.stub, uid, resource)
+        assert b.sample("token_broker_exchanges_total", result="denied") == 1
+    assert (answer.status, answer.access_token) == (pb.TOKEN_STATUS_EXCHANGE_DENIED, "")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "broker.idp"]
+    assert any("invalid_client" in m and "client's credentials" in m for m in errors)
+    assert "not-the-secret" not in caplog.text
+    assert login not in caplog.text
