@@ -23,7 +23,6 @@ from broker import __version__
 from broker.config import Settings
 from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
 from broker.core.interfaces import ExchangeStore, Gatekeeper, IdentityProvider, LinkStore, TokenExchanger
-from broker.core.resources import ResourcePolicy
 from broker.idp import OidcRefresher
 from broker.postgres import Cipher, PostgresExchangeStore, PostgresStore, parse_keys
 from broker.server import (
@@ -31,12 +30,13 @@ from broker.server import (
     CallerGate,
     CallerTokens,
     MeshIdentity,
+    PolicySource,
     ReloadingCertificates,
+    ReloadingPolicy,
     RpcEntry,
     TokenBrokerServicer,
     listen,
     load_caller_tokens,
-    load_policy,
 )
 from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 from broker.telemetry.metrics import Metrics
@@ -76,7 +76,7 @@ def build_service(
     tracer: Tracer = NULL_TRACER,
     *,
     exchange_store: ExchangeStore | None = None,
-    policy: ResourcePolicy | None = None,
+    policy: PolicySource | None = None,
 ) -> Service:
     """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O. With an
     exchange store, requests naming a resource get a token exchanged for it (when `policy` allows the caller)."""
@@ -150,8 +150,8 @@ class App:
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         policy = None
         if self.settings.resources_file is not None:
-            policy = load_policy(self.settings.resources_file, self.settings.allowed_callers)
-            log.info("resource policy loaded", extra={"resources": len(policy)})
+            policy = ReloadingPolicy(self.settings.resources_file, self.settings.allowed_callers)
+            log.info("resource policy loaded", extra={"resources": len(policy.current())})
         store = await self._open_store()
         exchange_store = self.exchange_store
         if exchange_store is None and isinstance(store, PostgresStore):

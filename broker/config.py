@@ -105,8 +105,8 @@ class Settings:
     """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
     resources_file: Path | None = None
     """BROKER_RESOURCES_FILE: the resource policy, YAML or JSON (docs/audience-bound-tokens.md): which caller may get
-    a token exchanged for which MCP server (`resource`, optional `audience` and `scope`, `callers`). Read once at
-    start-up; a change needs a restart."""
+    a token exchanged for which MCP server (`resource`, optional `audience` and `scope`, `callers`). Re-read when it
+    changes (checked at most once a second); an edit that does not validate is logged and the policy in force stays."""
     passthrough: str = "allow"
     """BROKER_PASSTHROUGH: allow (a request without a resource gets the login token) or deny (PERMISSION_DENIED:
     every caller must name the MCP server, as the MCP authorization specification requires)."""

@@ -83,6 +83,10 @@ class ResourcePolicy:
     def __len__(self) -> int:
         return len(self._by_resource)
 
+    def current(self) -> ResourcePolicy:
+        """A fixed policy is its own source (the servicer asks its source for the policy in force)."""
+        return self
+
     def entries(self) -> list[ResourceEntry]:
         return list(self._by_resource.values())
 

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 from uuid import UUID
 
 import grpc
@@ -19,6 +20,13 @@ from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("broker.service")
+
+
+class PolicySource(Protocol):
+    """Where the resource policy in force comes from: a fixed ResourcePolicy, or the file re-read on change."""
+
+    def current(self) -> ResourcePolicy: ...
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenBroker"].full_name
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -81,7 +89,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
         request_timeout: float,
         *,
         exchange: ExchangeService | None = None,
-        policy: ResourcePolicy | None = None,
+        policy: PolicySource | None = None,
         passthrough: bool = True,
         on_denied: Callable[[str], None] | None = None,
     ) -> None:
@@ -132,7 +140,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
         except ValueError as exc:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"resource {exc}") from None
         record_resource(user_text, normalised)
-        entry = self._policy.match(normalised, call_identities())
+        entry = self._policy.current().match(normalised, call_identities())
         if entry is None or self._exchange is None:
             self._on_denied("not_allowed")
             raise Rejected(grpc.StatusCode.PERMISSION_DENIED, NOT_ALLOWED)

@@ -482,3 +482,42 @@ async def test_a_broker_client_the_idp_refuses_is_exchange_denied_and_logged_for
     assert any("invalid_client" in m and "client's credentials" in m for m in errors)
     assert "not-the-secret" not in caplog.text
     assert login not in caplog.text
+
+
+async def test_the_policy_file_is_reloaded_when_it_changes_and_a_bad_edit_keeps_the_policy_in_force(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, added = mcp.resource(), mcp.resource()
+    idp.allow_exchange(first)
+    idp.allow_exchange(added)
+    uid, _ = await logged_in(db, idp)
+    env = broker_env(db, idp, **files(tmp_path, [entry(first)]))
+    policy = Path(env["BROKER_RESOURCES_FILE"])
+
+    async def status_for(resource: str) -> grpc.StatusCode:
+        try:
+            await ask(b.stub, uid, resource)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    async def until(resource: str, code: grpc.StatusCode) -> grpc.StatusCode:
+        deadline = time.monotonic() + 15
+        seen = await status_for(resource)
+        while seen != code and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            seen = await status_for(resource)
+        return seen
+
+    async with running_broker(env) as b:
+        assert await status_for(added) == grpc.StatusCode.PERMISSION_DENIED
+        policy.write_text(yaml.safe_dump({"resources": [entry(first), entry(added)]}))
+        assert await until(added, grpc.StatusCode.OK) == grpc.StatusCode.OK
+        policy.write_text("resources: [\n  - resource: http://not-https.example/mcp\n")  # half-written, and wrong
+        deadline = time.monotonic() + 15
+        while "resource policy not reloaded" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            assert await status_for(added) == grpc.StatusCode.OK  # the policy in force stays
+        policy.write_text(yaml.safe_dump({"resources": [entry(added)]}))
+        assert await until(first, grpc.StatusCode.PERMISSION_DENIED) == grpc.StatusCode.PERMISSION_DENIED
+    assert "resource policy not reloaded" in caplog.text
