@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health
@@ -25,6 +25,7 @@ from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
 from broker.core.interfaces import ExchangeStore, Gatekeeper, IdentityProvider, LinkStore, TokenExchanger
 from broker.idp import OidcRefresher
 from broker.postgres import Cipher, PostgresExchangeStore, PostgresStore, parse_keys
+from broker.protected_resource import check_protected_resources
 from broker.server import (
     SERVICE_NAME,
     CallerGate,
@@ -166,6 +167,17 @@ class App:
             policy=policy,
         )
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
+        if policy is not None and self.settings.oidc_issuer:
+            # RFC 9728: advisory, in the background; a slow MCP server must not hold the start-up.
+            metadata = asyncio.create_task(
+                check_protected_resources(
+                    [e.resource for e in policy.current().entries()],
+                    self.settings.oidc_issuer,
+                    timeout=self.settings.oidc_timeout,
+                ),
+                name="protected-resource-metadata",
+            )
+            self._stack.push_async_callback(_cancel, metadata)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
         readiness = asyncio.create_task(
@@ -326,7 +338,7 @@ def _gatekeeper(s: Settings, on_untrusted: Callable[[], None]) -> Gatekeeper:
     )
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

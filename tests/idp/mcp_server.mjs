@@ -1,7 +1,8 @@
 // A small MCP-server stand-in for the tests: every path is a resource, http://127.0.0.1:<port><path>, and a request
 // is accepted only with a Bearer JWT that the IdP signed (its /jwks), whose `aud` is exactly that URI and which has
 // not expired. The login token (opaque) and a token exchanged for another resource are refused (401).
-// Prints {"origin": ...} on stdout once listening. GET /__test/stats: accepted and refused requests.
+// Prints {"origin": ...} on stdout once listening. GET /__test/stats: accepted and refused requests. Serves RFC 9728
+// metadata naming the test IdP (another issuer for paths with "foreign").
 import http from 'node:http';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
 
@@ -17,6 +18,13 @@ const server = http.createServer(async (req, res) => {
     res.end(JSON.stringify(body));
   };
   if (url.pathname === '/__test/stats') { answer(200, stats); return; }
+  if (url.pathname.startsWith('/.well-known/oauth-protected-resource/')) {
+    // RFC 9728 metadata of the resource at the rest of the path; a path with "foreign" names another issuer.
+    const path = url.pathname.slice('/.well-known/oauth-protected-resource'.length);
+    const servers = path.includes('foreign') ? ['https://other-idp.example.com'] : [issuer];
+    answer(200, { resource: `http://127.0.0.1:${port}${path}`, authorization_servers: servers });
+    return;
+  }
   const self = `http://127.0.0.1:${port}${url.pathname}`;
   const match = /^Bearer (\S+)$/.exec(req.headers.authorization || '');
   if (!match) { stats.refused += 1; answer(401, { error: 'no bearer token' }); return; }

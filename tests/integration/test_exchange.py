@@ -521,3 +521,18 @@ async def test_the_policy_file_is_reloaded_when_it_changes_and_a_bad_edit_keeps_
         policy.write_text(yaml.safe_dump({"resources": [entry(added)]}))
         assert await until(first, grpc.StatusCode.PERMISSION_DENIED) == grpc.StatusCode.PERMISSION_DENIED
     assert "resource policy not reloaded" in caplog.text
+
+
+async def test_an_mcp_server_whose_metadata_names_another_issuer_is_warned_about_at_start_up(
+    db: Database, idp: OidcTestProvider, mcp: McpStandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours, foreign = mcp.resource(), mcp.resource("foreign")
+    env = broker_env(db, idp, **files(tmp_path, [entry(ours), entry(foreign)]))
+    async with running_broker(env):
+        deadline = time.monotonic() + 15
+        while "does not name this broker's issuer" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "broker.resources"]
+    assert len(warnings) == 1
+    assert foreign in warnings[0]
+    assert "https://other-idp.example.com" in warnings[0]

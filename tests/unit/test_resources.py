@@ -89,3 +89,21 @@ def test_every_error_is_named_in_one_message() -> None:
         "entry 7: caller token:nobody is not admitted by BROKER_ALLOWED_CALLERS",
     ):
         assert expected in text
+
+
+@pytest.mark.parametrize(
+    ("resource", "url"),
+    [
+        ("https://mcp.example.com/mcp", "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"),
+        ("https://mcp.example.com", "https://mcp.example.com/.well-known/oauth-protected-resource"),
+        ("https://mcp.example.com/", "https://mcp.example.com/.well-known/oauth-protected-resource"),
+        (
+            "https://mcp.example.com:8443/a/b?x=1",
+            "https://mcp.example.com:8443/.well-known/oauth-protected-resource/a/b",
+        ),
+    ],
+)
+def test_the_rfc_9728_metadata_url(resource: str, url: str) -> None:
+    from broker.protected_resource import metadata_url
+
+    assert metadata_url(resource) == url
