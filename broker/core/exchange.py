@@ -142,17 +142,17 @@ class ExchangeService:
     ) -> TokenResult:
         """Within `budget` seconds. `rejected`: SHA-256 of an exchanged token the resource's server refused."""
         deadline = time.monotonic() + budget
-        login = await self._tokens.get_token(user_id, budget)
+        try:
+            with self._tracer.span("db.read_link"):
+                link, cached = await self._store.get_link_and_exchanged(user_id, entry.key, timeout=budget)
+        except StoreUnavailable as exc:
+            UserLog(log, user_id).warning("store unavailable: %s", exc)
+            return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)  # never the login token, not even a pending one
+        login = await self._tokens.answer(user_id, link, deadline)  # refreshed here when due, as for any request
         if not login.access_token:
             return login  # no link, account disabled, expired, must log in again, an outage: the user's own status
         subject_sha = login.access_token.sha256()
-        try:
-            with self._tracer.span("db.read_exchanged"):
-                cached = await self._store.get_exchanged(user_id, entry.key, timeout=_left(deadline))
-        except StoreUnavailable as exc:
-            UserLog(log, user_id).warning("store unavailable: %s", exc)
-            return TokenResult.empty(TokenStatus.STORE_UNAVAILABLE)
-        cached = self._for_subject(user_id, cached, subject_sha)
+        cached = self._for_subject(user_id, cached, subject_sha)  # a refreshed login token: not this row's
         answer = self._from_cache(cached, rejected)
         if answer is not None:
             self._obs.exchange_cache_hit()

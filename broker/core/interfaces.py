@@ -86,7 +86,11 @@ class LockedExchange(Protocol):
 class ExchangeStore(Protocol):
     """The broker's cache of exchanged tokens, shared by every replica."""
 
-    async def get_exchanged(self, user_id: UUID, key: ExchangeKey, *, timeout: float) -> CachedExchange | None: ...
+    async def get_link_and_exchanged(
+        self, user_id: UUID, key: ExchangeKey, *, timeout: float
+    ) -> tuple[Link | None, CachedExchange | None]:
+        """The user's link and the row for `key`, in one round trip (as LinkStore.get_link reads the link)."""
+        ...
 
     def lock_exchanged(
         self, user_id: UUID, key: ExchangeKey, *, lock_timeout: float, hold_timeout: float

@@ -14,27 +14,28 @@ import asyncpg
 
 from broker.core.interfaces import ExchangeKey
 from broker.errors import RefreshLockTimeout
-from broker.model import CachedExchange, ExchangedToken, Secret
+from broker.model import CachedExchange, ExchangedToken, Link, Secret
 from broker.postgres.codec import Codec
 from broker.postgres.store import _DB_ERRORS, PoolConnection, PostgresStore, _rollback, _translate
 
-GET_EXCHANGED = "SELECT * FROM token_broker.get_exchanged_token($1, $2, $3, $4)"
+GET_LINK_AND_EXCHANGED = "SELECT * FROM token_broker.get_oidc_link_exchanged($1, $2, $3, $4)"
 LOCK_EXCHANGED = "SELECT * FROM token_broker.lock_exchanged_token($1, $2, $3, $4)"
 STORE_EXCHANGED = "SELECT token_broker.store_exchanged_token($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 DENY_EXCHANGE = "SELECT token_broker.deny_exchange($1, $2, $3, $4, $5, $6, $7)"
 
 
-def _cached(codec: Codec, row: asyncpg.Record | None) -> CachedExchange | None:
-    if row is None:
+def _cached(codec: Codec, row: asyncpg.Record | None, prefix: str = "") -> CachedExchange | None:
+    """The exchange row; `prefix`: its columns' prefix where it comes joined to the link ("x_")."""
+    if row is None or row[prefix + "subject_sha256"] is None:
         return None
-    plain, unreadable = codec.open_value(row["access_token"] or "", row["access_key_id"])
+    plain, unreadable = codec.open_value(row[prefix + "access_token"] or "", row[prefix + "access_key_id"])
     return CachedExchange(
         access_token=Secret(plain),
-        expiry=row["expiry"],
-        lifetime_seconds=row["lifetime_seconds"],
-        subject_sha256=bytes(row["subject_sha256"]),
-        denied_seconds=row["denied_seconds"],
-        forced_seconds_ago=row["forced_seconds_ago"],
+        expiry=row[prefix + "expiry"],
+        lifetime_seconds=row[prefix + "lifetime_seconds"],
+        subject_sha256=bytes(row[prefix + "subject_sha256"]),
+        denied_seconds=row[prefix + "denied_seconds"],
+        forced_seconds_ago=row[prefix + "forced_seconds_ago"],
         unreadable=unreadable,
     )
 
@@ -83,14 +84,18 @@ class PostgresExchangeStore:
         self._store = store
         self._codec = store.codec
 
-    async def get_exchanged(self, user_id: UUID, key: ExchangeKey, *, timeout: float) -> CachedExchange | None:
+    async def get_link_and_exchanged(
+        self, user_id: UUID, key: ExchangeKey, *, timeout: float
+    ) -> tuple[Link | None, CachedExchange | None]:
         row = await self._store.run(
             timeout,
-            "reading an exchanged token",
-            lambda c: c.fetchrow(GET_EXCHANGED, user_id, *key),
+            "reading the link and its exchanged token",
+            lambda c: c.fetchrow(GET_LINK_AND_EXCHANGED, user_id, *key),
             idempotent=True,
         )
-        return _cached(self._codec, row)
+        if row is None:
+            return None, None
+        return self._codec.link(user_id, row), _cached(self._codec, row, "x_")
 
     @asynccontextmanager
     async def lock_exchanged(

@@ -17,7 +17,7 @@ from broker.core.refresh.settings import RefreshSettings
 from broker.core.resources import ResourceEntry
 from broker.core.tokens import TokenService
 from broker.errors import IdpUnavailable, StoreUnavailable
-from broker.model import CachedExchange, ExchangedToken, Secret, TokenResult, TokenStatus
+from broker.model import CachedExchange, ExchangedToken, Link, Secret, TokenResult, TokenStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 ENTRY = ResourceEntry("https://mcp.example.com/mcp", callers=frozenset({"token:chat"}))
@@ -41,14 +41,22 @@ class Login:
     async def get_token(self, user_id: uuid.UUID, budget: float, rejected: bytes | None = None) -> TokenResult:
         return TokenResult(TokenStatus.VALID, Secret(self.token), NOW + timedelta(hours=1))
 
+    async def answer(
+        self, user_id: uuid.UUID, link: Link | None, deadline: float, rejected: bytes | None = None
+    ) -> TokenResult:
+        return await self.get_token(user_id, 5.0, rejected)
+
 
 @dataclass
 class Store:
     rows: dict[tuple[uuid.UUID, ExchangeKey], CachedExchange] = field(default_factory=dict)
     fail_save: bool = False
 
-    async def get_exchanged(self, user_id: uuid.UUID, key: ExchangeKey, *, timeout: float) -> CachedExchange | None:
-        return self.rows.get((user_id, key))
+    async def get_link_and_exchanged(
+        self, user_id: uuid.UUID, key: ExchangeKey, *, timeout: float
+    ) -> tuple[Link | None, CachedExchange | None]:
+        link = Link(user_id, Secret("login"), Secret("refresh"), NOW + timedelta(hours=1))  # the Login stub decides
+        return link, self.rows.get((user_id, key))
 
     @asynccontextmanager
     async def lock_exchanged(

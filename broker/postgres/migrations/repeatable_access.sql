@@ -279,6 +279,36 @@ BEGIN
         WHERE e.user_id OPERATOR(pg_catalog.=) p_user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
           AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope;
     END $body$;
+    -- The cached path in one round trip: the link (as get_oidc_link) and the key's row, joined.
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.get_oidc_link_exchanged(p_user_id pg_catalog.uuid,
+            p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool,
+                       x_access_token pg_catalog.text, x_access_key_id pg_catalog.text,
+                       x_expiry pg_catalog.timestamptz, x_lifetime_seconds pg_catalog.float8,
+                       x_subject_sha256 pg_catalog.bytea, x_denied_seconds pg_catalog.float8,
+                       x_forced_seconds_ago pg_catalog.float8)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
+                   e.access_token, e.access_key_id, e.expiry,
+                   pg_catalog.date_part('epoch', e.expiry OPERATOR(pg_catalog.-) e.exchanged_at),
+                   e.subject_sha256,
+                   pg_catalog.date_part('epoch', e.denied_until OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()),
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) e.forced_at)
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.exchanged_tokens e
+                   ON e.user_id OPERATOR(pg_catalog.=) l.user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
+                  AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
     CREATE OR REPLACE FUNCTION token_broker.lock_exchanged_token(p_user_id pg_catalog.uuid,
         p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
     RETURNS TABLE (access_token pg_catalog.text, access_key_id pg_catalog.text, expiry pg_catalog.timestamptz,
@@ -338,6 +368,12 @@ BEGIN
     $body$;
     ALTER FUNCTION token_broker.get_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
         pg_catalog.text) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) OWNER TO token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text) TO %I', svc);
     ALTER FUNCTION token_broker.lock_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
         pg_catalog.text) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.store_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
