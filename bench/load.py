@@ -39,8 +39,15 @@ ONE = Profile(3000, 1, 1)
 EIGHT = Profile(16000, 8, 1)
 
 
-def h2load(port: int, body: Path, expected_response_bytes: int, profile: Profile = PRODUCTION) -> dict[str, float]:
-    """One run; raises when any answer did not have the expected size (h2load counts a failed gRPC call as 200)."""
+def h2load(
+    port: int,
+    body: Path,
+    expected_response_bytes: int,
+    profile: Profile = PRODUCTION,
+    headers: tuple[str, ...] = (),
+) -> dict[str, float]:
+    """One run; raises when any answer did not have the expected size (h2load counts a failed gRPC call as 200).
+    `headers`: extra request headers ("name: value"), e.g. a caller token."""
     with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log") as log:
         args = ["h2load", "-n", str(profile.requests), "-c", str(profile.clients), "-m", str(profile.streams)]
         if profile.rate is not None:
@@ -52,6 +59,7 @@ def h2load(port: int, body: Path, expected_response_bytes: int, profile: Profile
             "content-type: application/grpc",
             "-H",
             "te: trailers",
+            *(arg for h in headers for arg in ("-H", h)),
             "-d",
             str(body),
             f"http://127.0.0.1:{port}/broker.v1.TokenBroker/GetOIDCAccessToken",

@@ -10,6 +10,7 @@ request, metrics on, the default worker count), as ratios against baselines meas
 4. P3: the same load with 1,000,000 links in user_links (loaded with COPY) against 1,000.
 5. Peak RSS of the broker (all its processes) and of the bare server.
 6. Costs of options: PgBouncer, encryption at rest, tracing; the elevation mechanism (SECURITY DEFINER vs SET ROLE).
+7. The cached exchanged-token path (a request with `resource`) against passthrough on one broker (bench/exchange.py).
 Results go to stdout and bench/results/latest.json. BENCH_QUICK=1 runs 1 to 3 (results in quick.json).
 """
 
@@ -31,6 +32,7 @@ import asyncpg
 import grpc
 
 from bench.echo_server import ANSWER
+from bench.exchange import cached_exchange
 from bench.load import (
     EIGHT,
     ONE,
@@ -302,6 +304,7 @@ async def main() -> None:
             "bare_peak_kib": peak_rss_kib(echo_pids()),
         }
         broker.stop()
+        result["exchange"] = await cached_exchange(factory, tmp, PROD_ENV, pairs=1 if quick else 3)
         if not quick:
             result["p3_one_million_links"] = await million_links(factory, tmp)
             result["options"] = await options(factory, db, tmp, user, body, expected_broker, ratio, rounds)
@@ -404,6 +407,8 @@ def summary(r: dict[str, Any]) -> None:
     if "p5_half_max_rate" in r:
         p5 = r["p5_half_max_rate"]
         print(f"P5 at {p5['rate']} req/s: p99 broker / bare = {p5['p99_ratio']}")
+    if "exchange" in r:
+        print(f"cached exchanged token / passthrough throughput: {r['exchange']['ratio_cached_vs_passthrough']}")
     if "p3_one_million_links" in r:
         print(f"P3 throughput 1,000,000 links / 1,000: {r['p3_one_million_links']['ratio_1m_vs_1k']}")
     m = r["memory"]

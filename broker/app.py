@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health
@@ -22,15 +22,25 @@ from prometheus_client import CollectorRegistry
 from broker import __version__
 from broker.config import Settings, pool_shares
 from broker.core import BackgroundSettings, CircuitSettings, Domain, RefreshSettings, ScheduleStore, build_domain
-from broker.core.interfaces import Gatekeeper, IdentityProvider, LinkStore
+from broker.core.interfaces import ExchangeStore, Gatekeeper, IdentityProvider, LinkStore, TokenExchanger
 from broker.idp import OidcRefresher
-from broker.postgres import Cipher, ElevatedRoleGate, PostgresSchedule, PostgresStore, parse_keys
+from broker.postgres import (
+    Cipher,
+    ElevatedRoleGate,
+    PostgresExchangeStore,
+    PostgresSchedule,
+    PostgresStore,
+    parse_keys,
+)
+from broker.protected_resource import check_protected_resources
 from broker.server import (
     SERVICE_NAME,
     CallerGate,
     CallerTokens,
     MeshIdentity,
+    PolicySource,
     ReloadingCertificates,
+    ReloadingPolicy,
     RpcEntry,
     TokenBrokerServicer,
     listen,
@@ -87,12 +97,17 @@ def build_service(
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
     schedule: ScheduleStore | None = None,
+    *,
+    exchange_store: ExchangeStore | None = None,
+    policy: PolicySource | None = None,
 ) -> Service:
     """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O. With a
-    `schedule` (and an IdP), active users' tokens are refreshed in the background."""
+    `schedule` (and an IdP), active users' tokens are refreshed in the background. With an exchange store, requests
+    naming a resource get a token exchanged for it (when `policy` allows the caller)."""
     rs = refresh_settings(settings)
     bs = background_settings(settings, rs) if schedule is not None and idp is not None else None
     circuit = CircuitSettings(settings.circuit_failures, settings.circuit_open_seconds)
+    exchanger = cast(TokenExchanger, idp) if callable(getattr(idp, "exchange", None)) else None
     domain = build_domain(
         rs,
         circuit,
@@ -103,9 +118,20 @@ def build_service(
         background=bs,
         schedule=schedule,
         on_foreign_rotation=metrics.foreign_rotations.inc,
+        exchange_store=exchange_store,
+        exchanger=exchanger,
+        exchange_observer=metrics,
     )
     metrics.bind_unpersisted(domain.unpersisted)
-    return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout), domain)
+    servicer = TokenBrokerServicer(
+        domain.tokens,
+        settings.request_timeout,
+        exchange=domain.exchange,
+        policy=policy,
+        passthrough=settings.passthrough == "allow",
+        on_denied=metrics.resource_denied,
+    )
+    return Service(servicer, domain)
 
 
 class App:
@@ -122,7 +148,9 @@ class App:
         store: LinkStore | None = None,
         idp: IdentityProvider | None = None,
         tracer: Tracer | None = None,
+        exchange_store: ExchangeStore | None = None,
     ) -> None:
+        self.exchange_store = exchange_store
         if store is None:
             settings.require_database()
         self.settings = settings
@@ -149,15 +177,42 @@ class App:
         await self._health.set("", listen.SERVING)
         await self._health.set(SERVICE_NAME, listen.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
+        policy = None
+        if self.settings.resources_file is not None:
+            policy = ReloadingPolicy(self.settings.resources_file, self.settings.allowed_callers)
+            log.info("resource policy loaded", extra={"resources": len(policy.current())})
         # The pool opens before the port is bound: a bound socket takes connections (with workers, SO_REUSEPORT
         # hands this one a share of the pod's), so a worker that cannot reach the database must not bind.
         store = await self._open_store()
         schedule = PostgresSchedule(store) if isinstance(store, PostgresStore) else None
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer, schedule)
+        exchange_store = self.exchange_store
+        if exchange_store is None and isinstance(store, PostgresStore):
+            exchange_store = PostgresExchangeStore(store)
+        service = build_service(
+            self.settings,
+            store,
+            await self._open_idp(),
+            self.metrics,
+            self.tracer,
+            schedule,
+            exchange_store=exchange_store,
+            policy=policy,
+        )
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
         if service.domain.background is not None:
             background = asyncio.create_task(service.domain.background.run(), name="background-refresh")
             self._stack.push_async_callback(_cancel, background)
+        if policy is not None and self.settings.oidc_issuer:
+            # RFC 9728: advisory, in the background; a slow MCP server must not hold the start-up.
+            metadata = asyncio.create_task(
+                check_protected_resources(
+                    [e.resource for e in policy.current().entries()],
+                    self.settings.oidc_issuer,
+                    timeout=self.settings.oidc_timeout,
+                ),
+                name="protected-resource-metadata",
+            )
+            self._stack.push_async_callback(_cancel, metadata)
         self._server = self._build_server(service, gatekeeper)
         readiness = listen.Readiness(
             store, self._health, self.settings.health_interval, self._peers(), self._gate(store)
@@ -330,7 +385,7 @@ def _gatekeeper(s: Settings, on_untrusted: Callable[[], None]) -> Gatekeeper:
     )
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

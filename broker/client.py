@@ -65,6 +65,7 @@ _FROM_PROTO = {
     pb.TOKEN_STATUS_IDP_UNAVAILABLE: TokenStatus.IDP_UNAVAILABLE,
     pb.TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus.STORE_UNAVAILABLE,
     pb.TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus.ACCOUNT_DISABLED,
+    pb.TOKEN_STATUS_EXCHANGE_DENIED: TokenStatus.EXCHANGE_DENIED,
 }
 
 
@@ -89,12 +90,13 @@ def _token(resp: pb.GetOIDCAccessTokenResponse) -> OIDCToken:
     return OIDCToken(resp.access_token, expires, status)
 
 
-def _request(user_id: str, rejected: str | None) -> pb.GetOIDCAccessTokenRequest:
-    """The request; `rejected` (an access token the upstream refused) travels only as its SHA-256."""
-    if not rejected:
-        return pb.GetOIDCAccessTokenRequest(user_id=user_id)
-    digest = hashlib.sha256(rejected.encode()).hexdigest()
-    return pb.GetOIDCAccessTokenRequest(user_id=user_id, rejected_token_sha256=digest)
+def _request(user_id: str, rejected: str | None, resource: str | None = None) -> pb.GetOIDCAccessTokenRequest:
+    """The request; `rejected` (an access token the upstream refused) travels only as its SHA-256. `resource`: the
+    MCP server's URI, for a token issued for it (RFC 8707); None asks for the login token (passthrough)."""
+    request = pb.GetOIDCAccessTokenRequest(user_id=user_id, resource=resource or "")
+    if rejected:
+        request.rejected_token_sha256 = hashlib.sha256(rejected.encode()).hexdigest()
+    return request
 
 
 _inject: Callable[[dict[str, str]], None] | None
@@ -175,20 +177,32 @@ class TokenBrokerClient:
         await self._channel.close()
 
     async def get_oidc_access_token(
-        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
+        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None, resource: str | None = None
     ) -> OIDCToken:
-        """The user's token. `rejected`: the access token an upstream just refused (HTTP 401); the broker then
-        refreshes it once for every caller that reports it, or answers "" with REAUTH_REQUIRED.
+        """The user's token. `resource`: the MCP server's URI; the answer is then a token the IdP issued for that
+        server (never the login token), or "" with EXCHANGE_DENIED. `rejected`: the access token an upstream just
+        refused (HTTP 401); the broker then renews it once for every caller that reports it, or answers "".
 
-        Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
+        Raises grpc.aio.AioRpcError for RPC failures (INVALID_ARGUMENT, PERMISSION_DENIED for a resource this
+        caller may not have, UNAVAILABLE after retries, ...)."""
         resp = await self._stub.GetOIDCAccessToken(
-            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
+            _request(user_id, rejected, resource),
+            timeout=timeout or self._timeout,
+            metadata=_with_trace(self._metadata),
         )
         return _token(resp)
 
-    async def bearer_headers(self, user_id: str, *, rejected: str | None = None) -> dict[str, str]:
+    async def get_token(
+        self, user_id: str, *, resource: str | None = None, rejected: str | None = None, timeout: float | None = None
+    ) -> OIDCToken:
+        """The same as get_oidc_access_token: `await broker.get_token(user_id, resource="https://mcp.example/mcp")`."""
+        return await self.get_oidc_access_token(user_id, rejected=rejected, timeout=timeout, resource=resource)
+
+    async def bearer_headers(
+        self, user_id: str, *, rejected: str | None = None, resource: str | None = None
+    ) -> dict[str, str]:
         """{"Authorization": "Bearer ..."}, or {} when there is no usable token."""
-        return (await self.get_oidc_access_token(user_id, rejected=rejected)).bearer_headers()
+        return (await self.get_oidc_access_token(user_id, rejected=rejected, resource=resource)).bearer_headers()
 
 
 class SyncTokenBrokerClient:
@@ -222,16 +236,26 @@ class SyncTokenBrokerClient:
         self._channel.close()
 
     def get_oidc_access_token(
-        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None
+        self, user_id: str, *, rejected: str | None = None, timeout: float | None = None, resource: str | None = None
     ) -> OIDCToken:
         """The user's token, as TokenBrokerClient.get_oidc_access_token answers it.
 
         Raises grpc.RpcError (a grpc.Call) for RPC failures (INVALID_ARGUMENT, UNAVAILABLE after retries, ...)."""
         resp = self._stub.GetOIDCAccessToken(
-            _request(user_id, rejected), timeout=timeout or self._timeout, metadata=_with_trace(self._metadata)
+            _request(user_id, rejected, resource),
+            timeout=timeout or self._timeout,
+            metadata=_with_trace(self._metadata),
         )
         return _token(resp)
 
-    def bearer_headers(self, user_id: str, *, rejected: str | None = None) -> dict[str, str]:
+    def get_token(
+        self, user_id: str, *, resource: str | None = None, rejected: str | None = None, timeout: float | None = None
+    ) -> OIDCToken:
+        """The user's token, as get_oidc_access_token; `resource`: a token issued for that MCP server."""
+        return self.get_oidc_access_token(user_id, rejected=rejected, timeout=timeout, resource=resource)
+
+    def bearer_headers(
+        self, user_id: str, *, rejected: str | None = None, resource: str | None = None
+    ) -> dict[str, str]:
         """{"Authorization": "Bearer ..."}, or {} when there is no usable token."""
-        return self.get_oidc_access_token(user_id, rejected=rejected).bearer_headers()
+        return self.get_oidc_access_token(user_id, rejected=rejected, resource=resource).bearer_headers()

@@ -122,6 +122,13 @@ class Settings:
     `dns:<DNS SAN>` (client certificates) or `token:<name>` (caller tokens); a bare `scheme://...` means `uri:`."""
     caller_tokens_file: Path | None = None
     """BROKER_CALLER_TOKENS_FILE: lines `name:sha256-hex-of-token` for bearer caller authentication."""
+    resources_file: Path | None = None
+    """BROKER_RESOURCES_FILE: the resource policy, YAML or JSON (docs/audience-bound-tokens.md): which caller may get
+    a token exchanged for which MCP server (`resource`, optional `audience` and `scope`, `callers`). Re-read when it
+    changes (checked at most once a second); an edit that does not validate is logged and the policy in force stays."""
+    passthrough: str = "allow"
+    """BROKER_PASSTHROUGH: allow (a request without a resource gets the login token) or deny (PERMISSION_DENIED:
+    every caller must name the MCP server, as the MCP authorization specification requires)."""
     trusted_proxy_identity: str = "none"
     """BROKER_TRUSTED_PROXY_IDENTITY: none, xfcc (Envoy/Istio's x-forwarded-client-cert) or l5d (Linkerd's
     l5d-client-id): the caller's identity as the local sidecar verified it, trusted only from
@@ -266,6 +273,8 @@ def _read(r: EnvReader) -> Settings:
         tls_client_ca_file=client_ca,
         allowed_callers=callers,
         caller_tokens_file=r.file("BROKER_CALLER_TOKENS_FILE"),
+        resources_file=r.file("BROKER_RESOURCES_FILE"),
+        passthrough=_passthrough(r),
         allow_insecure=r.boolean("BROKER_ALLOW_INSECURE", _D.allow_insecure),
         tracing=tracing_wanted(r.env),
         trace_user_id=r.boolean("BROKER_TRACE_USER_ID", _D.trace_user_id),
@@ -289,6 +298,8 @@ def _read(r: EnvReader) -> Settings:
             f"BROKER_LISTEN: refusing the non-loopback address {s.listen} without caller authentication: set "
             "BROKER_TLS_CLIENT_CA_FILE or BROKER_CALLER_TOKENS_FILE, or BROKER_ALLOW_INSECURE=true"
         )
+    if s.resources_file is not None and not s.idp_configured:
+        r.errors.append("BROKER_RESOURCES_FILE: needs an identity provider to exchange tokens (BROKER_OIDC_ISSUER ...)")
     if r.errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))
     return s
@@ -337,6 +348,13 @@ def _event_loop(r: EnvReader) -> str:
     if loop not in ("uvloop", "asyncio"):
         r.errors.append("BROKER_EVENT_LOOP: must be uvloop or asyncio")
     return loop
+
+
+def _passthrough(r: EnvReader) -> str:
+    mode = (r.raw("BROKER_PASSTHROUGH") or _D.passthrough).lower()
+    if mode not in ("allow", "deny"):
+        r.errors.append("BROKER_PASSTHROUGH: must be allow or deny")
+    return mode
 
 
 def _proxy_mode(r: EnvReader) -> str:

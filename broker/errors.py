@@ -11,6 +11,8 @@
     ├── RefreshInFlight          a live holder elsewhere has this refresh token at the IdP -> IDP_UNAVAILABLE
     ├── IdpNotConfigured         no IdP, so an expired token cannot be renewed      -> EXPIRED
     ├── IdpRejected              invalid_grant (or invalid_client ...)              -> REAUTH_REQUIRED
+    ├── ExchangeDenied           the IdP refused a token exchange (invalid_target ...) -> EXCHANGE_DENIED
+    ├── SubjectTokenRejected     the IdP called the login token (subject) invalid: refresh once, retry once
     └── IdpUnavailable           down, slow, 429/5xx, circuit open                  -> IDP_UNAVAILABLE
         └── IdpOutcomeUnknown    the request may have reached the IdP and rotated the token (timeout after
                                  sending, an unreadable 2xx): the in-flight marker is kept
@@ -76,6 +78,24 @@ class IdpRejected(BrokerError):
         super().__init__(f"identity provider rejected the refresh: {error}")
         self.error = error
         self.description = description
+
+
+class ExchangeDenied(BrokerError):
+    """The identity provider refused a token exchange (RFC 8693) for a resource, or answered something that is not a
+    Bearer access token. `error` is the OAuth error code (or what was wrong), never a token."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(f"identity provider refused the token exchange: {error}")
+        self.error = error
+
+
+class SubjectTokenRejected(BrokerError):
+    """The identity provider called the subject token (the user's login access token) invalid in a token exchange:
+    invalid_grant, or invalid_request naming the subject token."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(f"identity provider refused the subject token: {error}")
+        self.error = error
 
 
 class IdpNotConfigured(BrokerError):

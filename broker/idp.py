@@ -13,6 +13,19 @@ answer itself, because what the broker must do depends on the status code as muc
 | connection refused / connect timeout              | IdpUnavailable             | lifted     |
 | timeout or broken connection after sending        | IdpOutcomeUnknown          | kept       |
 
+The token exchange (RFC 8693, `exchange`) is read by its own table; nothing rotates in an exchange, so there is no
+"outcome unknown" and no marker:
+
+| answer                                                           | raised                       |
+|------------------------------------------------------------------|------------------------------|
+| 2xx, a Bearer access token (`issued_token_type` access_token)     | (token returned)             |
+| 2xx, another token type or token_type                            | ExchangeDenied               |
+| 2xx that cannot be read                                          | IdpUnavailable               |
+| 4xx `invalid_grant`, or `invalid_request` naming the subject token | SubjectTokenRejected       |
+| 4xx `invalid_target`, `unauthorized_client`, `access_denied`,     | ExchangeDenied               |
+| `invalid_scope`, `unsupported_grant_type`, `invalid_client` (ERROR) |                            |
+| 429, 5xx, other errors, connection failures, timeouts             | IdpUnavailable(retry_after)  |
+
 authlib prefers httpx2 and deprecates its plain-httpx fallback, so the broker depends on httpx2 deliberately.
 """
 
@@ -31,8 +44,15 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.oauth2.client import DEFAULT_HEADERS
 
 from broker.core.policy import expiry_from_response
-from broker.errors import ConfigError, IdpOutcomeUnknown, IdpRejected, IdpUnavailable
-from broker.model import RefreshedTokens, Secret
+from broker.errors import (
+    ConfigError,
+    ExchangeDenied,
+    IdpOutcomeUnknown,
+    IdpRejected,
+    IdpUnavailable,
+    SubjectTokenRejected,
+)
+from broker.model import ExchangedToken, RefreshedTokens, Secret
 from broker.telemetry.tracing import NULL_TRACER, Tracer
 from broker.urls import check_url
 
@@ -44,6 +64,20 @@ MAX_RETRY_AFTER = 300.0
 #: Errors that mean "this refresh token (or this client) is refused"; every other OAuth error is an outage.
 REJECTIONS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 OPERATOR_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a grant type name
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a token type name
+#: Token-exchange errors that are the IdP's policy saying no (RFC 8693 section 2.2.2, RFC 6749, RFC 8707).
+EXCHANGE_DENIALS = frozenset(
+    {
+        "invalid_target",
+        "unauthorized_client",
+        "access_denied",
+        "invalid_scope",
+        "invalid_client",
+        "unsupported_grant_type",
+    }
+)
 
 
 class _RawTokenClient(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
@@ -159,6 +193,36 @@ class OidcRefresher:
             raise IdpOutcomeUnknown(f"connection to the identity provider broke: {type(exc).__name__}") from None
         return self._read_answer(resp, refresh_token)
 
+    async def exchange(self, subject: Secret, resource: str, audience: str, scope: str) -> ExchangedToken:
+        """RFC 8693 token exchange of `subject` (the user's login access token) for a token issued for `resource`
+        (RFC 8707), authenticated as the broker's client. Bounded by the IdP timeout as a whole."""
+        started = time.monotonic()
+        url = await self.token_endpoint()
+        remaining = self._timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise IdpUnavailable(f"identity provider timed out after {self._timeout}s")
+        data = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject.reveal(),
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+            "requested_token_type": ACCESS_TOKEN_TYPE,
+            "resource": resource,
+        }
+        if audience:
+            data["audience"] = audience
+        if scope:
+            data["scope"] = scope
+        auth = self._client.client_auth(self._client.token_endpoint_auth_method)
+        headers = self._headers().get("headers", DEFAULT_HEADERS)
+        try:
+            async with asyncio.timeout(remaining):
+                resp = await self._client.post(url, data=data, headers=headers, auth=auth)
+        except TimeoutError:
+            raise IdpUnavailable(f"identity provider timed out after {self._timeout}s") from None
+        except httpx2.HTTPError as exc:
+            raise IdpUnavailable(f"identity provider unreachable: {type(exc).__name__}") from None
+        return _exchanged(resp)
+
     def _headers(self) -> dict[str, Any]:
         """With tracing on, the request carries the trace context (traceparent) to the IdP."""
         carrier: dict[str, str] = {}
@@ -213,3 +277,47 @@ def _tokens(resp: httpx2.Response, sent: Secret) -> RefreshedTokens:
         refresh_token=Secret(new_refresh),
         expiry=expiry_from_response(body, datetime.now(UTC)),
     )
+
+
+def _exchanged(resp: httpx2.Response) -> ExchangedToken:
+    """A token-exchange answer, checked as RFC 8693 section 2.2.1 says."""
+    status = resp.status_code
+    if 200 <= status < 300:
+        try:
+            body = resp.json()
+        except ValueError:
+            raise IdpUnavailable("identity provider answered the exchange with something that is not JSON") from None
+        access = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(access, str) or not access:
+            raise IdpUnavailable("identity provider answered the exchange without an access_token")
+        if body.get("issued_token_type") != ACCESS_TOKEN_TYPE:
+            raise ExchangeDenied("issued_token_type is not an access token")
+        token_type = body.get("token_type")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise ExchangeDenied("token_type is not Bearer")
+        return ExchangedToken(Secret(access), expiry_from_response(body, datetime.now(UTC)))
+    retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+    if status == 429 or status >= 500:
+        raise IdpUnavailable(f"identity provider answered HTTP {status}", retry_after=retry_after)
+    error = _oauth_error(resp)
+    if error == "invalid_grant" or (error == "invalid_request" and "subject_token" in _description(resp)):
+        raise SubjectTokenRejected(error)
+    if error in EXCHANGE_DENIALS:
+        if error in ("invalid_client", "unsupported_grant_type"):
+            log.error(
+                "identity provider refused the broker's token exchange (%s): check the client's credentials and "
+                "that token exchange is enabled for it (docs/audience-bound-tokens.md)",
+                error,
+            )
+        raise ExchangeDenied(error)
+    what = error or "no OAuth error"
+    raise IdpUnavailable(f"identity provider answered HTTP {status} ({what})", retry_after=retry_after)
+
+
+def _description(resp: httpx2.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return ""
+    text = body.get("error_description") if isinstance(body, dict) else None
+    return text[:500] if isinstance(text, str) else ""

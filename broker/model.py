@@ -99,6 +99,7 @@ class TokenStatus(enum.Enum):
     IDP_UNAVAILABLE = "idp_unavailable"
     STORE_UNAVAILABLE = "store_unavailable"
     ACCOUNT_DISABLED = "account_disabled"
+    EXCHANGE_DENIED = "exchange_denied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +111,33 @@ class TokenResult:
     expiry: datetime | None = None
     refreshed: bool = False  # this request caused or joined a refresh at the IdP
     failure: TokenStatus | None = None  # a VALID answer that is a fallback after this failure (never sent out)
+    exchange: str | None = None  # for a resource: "exchanged" (at the IdP for this answer) or "cached"
 
     @staticmethod
     def empty(status: TokenStatus) -> TokenResult:
         return TokenResult(status)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangedToken:
+    """What the identity provider issued in a token exchange for one resource. `expiry` None: lifetime unknown."""
+
+    access_token: Secret
+    expiry: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedExchange:
+    """The broker's row for (user, resource, audience, scope): the exchanged token and the login token it came from
+    (its SHA-256), or a remembered denial."""
+
+    access_token: Secret
+    expiry: datetime | None
+    lifetime_seconds: float | None  # expiry - the moment it was exchanged
+    subject_sha256: bytes
+    denied_seconds: float | None = None  # a denial for this subject is remembered this much longer
+    forced_seconds_ago: float | None = None  # the last re-exchange forced by an upstream's rejection
+    unreadable: str | None = None  # why the stored token cannot be used (encrypted, no or a wrong key)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.support.idp import OidcTestProvider
+from tests.support.mcp import McpStandIn
 from tests.support.pg import Database, DatabaseFactory, PgServer
 from tests.support.token_endpoint import TokenEndpoint
 
@@ -71,3 +72,11 @@ def endpoint() -> Iterator[TokenEndpoint]:
     ep = TokenEndpoint()
     yield ep
     ep.close()
+
+
+@pytest.fixture(scope="session")
+def mcp(idp_server: OidcTestProvider) -> Iterator[McpStandIn]:
+    """An MCP-server stand-in that accepts only tokens the test IdP issued for it (by its JWKS)."""
+    server = McpStandIn(idp_server)
+    yield server
+    server.close()

@@ -6,6 +6,7 @@ that): the adapters live in `broker.postgres`, `broker.idp` and `broker.server`.
 - `policy`: pure refresh decisions;
 - `tokens`: the use case (read, decide, serve or refresh);
 - `circuit`: the IdP circuit breaker;
+- `resources`, `exchange`: the resource policy, and tokens exchanged for one resource (RFC 8693);
 - `refresh/`: the refresh core, one guarantee per module.
 
 `build_domain()` wires it all around a store and an IdP; the composition root (`broker.app`) calls it.
@@ -19,7 +20,17 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from broker.core.circuit import CircuitBreaker
-from broker.core.interfaces import GuardedIdp, IdentityProvider, LinkStore, RefreshObserver
+from broker.core.exchange import ExchangeService, GuardedExchanger
+from broker.core.interfaces import (
+    ExchangeObserver,
+    ExchangeStore,
+    GuardedIdp,
+    IdentityProvider,
+    LinkStore,
+    NullObserver,
+    RefreshObserver,
+    TokenExchanger,
+)
 from broker.core.refresh import Refresher, RefreshSettings
 from broker.core.refresh.background import Activity, BackgroundRefresh
 from broker.core.refresh.guarded import GuardedIdentityProvider, NullIdentityProvider
@@ -37,6 +48,7 @@ __all__ = [
     "BackgroundSettings",
     "CircuitSettings",
     "Domain",
+    "ExchangeService",
     "RefreshSettings",
     "ScheduleStore",
     "TokenService",
@@ -63,6 +75,8 @@ class Domain:
     writeback: WriteBack
     background: BackgroundRefresh | None = None
     """Refreshes active users' tokens before the product's own refresh window (None: off, or no IdP)."""
+    exchange: ExchangeService | None = None
+    """Tokens exchanged for one resource; None without an exchange store."""
 
     async def drain(self, timeout: float) -> None:
         """At shutdown: let refreshes in flight finish and give pending write-backs a last attempt."""
@@ -84,9 +98,15 @@ def build_domain(
     background: BackgroundSettings | None = None,
     schedule: ScheduleStore | None = None,
     on_foreign_rotation: Callable[[], None] = lambda: None,
+    exchange_store: ExchangeStore | None = None,
+    exchanger: TokenExchanger | None = None,
+    exchange_observer: ExchangeObserver | None = None,
 ) -> Domain:
     """Wire the refresh core and the token use case around a store and an IdP (None: no IdP configured). No I/O.
-    With `background` settings and a `schedule`, active users' tokens are refreshed in the background."""
+
+    With `background` settings and a `schedule`, active users' tokens are refreshed in the background. With
+    `exchange_store`, also the token exchange (`exchanger`, None: none possible) through the same circuit as the
+    refresh grant."""
     bs = background if schedule is not None else None
     breaker = CircuitBreaker(
         circuit.failures, circuit.open_seconds, on_change=lambda st: observer.circuit_state(int(st))
@@ -127,7 +147,12 @@ def build_domain(
             lifetime=tokens.lifetime,
             on_foreign=on_foreign_rotation,
         )
-    return Domain(tokens, refresher, writeback, runner)
+    exchange = None
+    if exchange_store is not None:
+        watcher = exchange_observer or NullObserver()
+        guarded_exchanger = None if exchanger is None else GuardedExchanger(exchanger, breaker, watcher, tracer)
+        exchange = ExchangeService(tokens, exchange_store, guarded_exchanger, settings, observer=watcher, tracer=tracer)
+    return Domain(tokens, refresher, writeback, runner, exchange)
 
 
 def _note_landed(

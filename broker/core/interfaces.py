@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from broker.errors import BrokerError
-from broker.model import DbKey, Link, RefreshedTokens, Secret
+from broker.model import CachedExchange, DbKey, ExchangedToken, Link, RefreshedTokens, Secret
+
+ExchangeKey = tuple[str, str, str]  # (resource as the policy names it, audience, scope)
 
 if TYPE_CHECKING:  # broker.refresh imports this module
     from broker.core.refresh.schedule import Note
@@ -80,6 +82,41 @@ class IdentityProvider(Protocol):
     async def refresh(self, refresh_token: Secret) -> RefreshedTokens: ...
 
 
+class LockedExchange(Protocol):
+    """The (user, resource) exchange row under a lock every replica takes before exchanging; held until exit."""
+
+    cached: CachedExchange | None
+
+    async def save(self, subject_sha256: bytes, token: ExchangedToken, *, forced: bool) -> None:
+        """Cache the exchanged token (encrypted at rest when keys are configured) for this login token."""
+        ...
+
+    async def deny(self, subject_sha256: bytes, seconds: float, error: str) -> None:
+        """Remember that the IdP refused this login token's exchange, for `seconds`."""
+        ...
+
+
+class ExchangeStore(Protocol):
+    """The broker's cache of exchanged tokens, shared by every replica."""
+
+    async def get_link_and_exchanged(
+        self, user_id: UUID, key: ExchangeKey, *, timeout: float
+    ) -> tuple[Link | None, CachedExchange | None]:
+        """The user's link and the row for `key`, in one round trip (as LinkStore.get_link reads the link)."""
+        ...
+
+    def lock_exchanged(
+        self, user_id: UUID, key: ExchangeKey, *, lock_timeout: float, hold_timeout: float
+    ) -> AbstractAsyncContextManager[LockedExchange]: ...
+
+
+class TokenExchanger(Protocol):
+    """Performs the RFC 8693 token exchange at the IdP. Raises ExchangeDenied, SubjectTokenRejected or
+    IdpUnavailable."""
+
+    async def exchange(self, subject: Secret, resource: str, audience: str, scope: str) -> ExchangedToken: ...
+
+
 class GuardedIdp(IdentityProvider, Protocol):
     """An IdentityProvider that can tell, without a call, that it would refuse one (an open circuit, no IdP)."""
 
@@ -104,6 +141,14 @@ class RefreshObserver(Protocol):
     def forced_refresh(self, result: str) -> None: ...
 
 
+class ExchangeObserver(Protocol):
+    """What the exchange reports for metrics; a no-op implementation is fine."""
+
+    def exchange_finished(self, result: str, seconds: float) -> None: ...
+
+    def exchange_cache_hit(self) -> None: ...
+
+
 class NullObserver:
     """A RefreshObserver that records nothing."""
 
@@ -123,6 +168,12 @@ class NullObserver:
         pass
 
     def forced_refresh(self, result: str) -> None:
+        pass
+
+    def exchange_finished(self, result: str, seconds: float) -> None:
+        pass
+
+    def exchange_cache_hit(self) -> None:
         pass
 
 

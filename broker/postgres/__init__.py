@@ -3,6 +3,7 @@
 - `store`: PostgresStore, the LinkStore adapter (asyncpg errors become domain errors);
 - `lanes`: valid-token reads on held connections, batched when every lane is busy;
 - `keepalive`: TCP keepalive and a user timeout on database sockets;
+- `exchanged`: PostgresExchangeStore, tokens exchanged for one resource (the ExchangeStore adapter);
 - `codec`: rows <-> links, the product's stored formats;
 - `dbcrypt`: tokens encrypted at rest as the product stores them;
 - `statements`: prepared statements named per pool, and the cache turned off when a pooler loses them;
@@ -13,7 +14,16 @@
 
 from broker.postgres.dbcrypt import Cipher, parse_keys
 from broker.postgres.elevated import ElevatedRoleGate
+from broker.postgres.exchanged import PostgresExchangeStore
 from broker.postgres.migrate import migrate
 from broker.postgres.store import PostgresSchedule, PostgresStore
 
-__all__ = ["Cipher", "ElevatedRoleGate", "PostgresSchedule", "PostgresStore", "migrate", "parse_keys"]
+__all__ = [
+    "Cipher",
+    "ElevatedRoleGate",
+    "PostgresExchangeStore",
+    "PostgresSchedule",
+    "PostgresStore",
+    "migrate",
+    "parse_keys",
+]

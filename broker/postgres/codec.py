@@ -65,6 +65,17 @@ class Codec:
                 return "", "", str(exc)
         return values[0], values[1], None
 
+    def open_value(self, stored: str, key_id: str | None) -> tuple[str, str | None]:
+        """(plain value, why unreadable) of one stored value; a value without a key id is plain text."""
+        if not key_id:
+            return stored, None
+        if self._cipher is None:
+            return "", f"encrypted at rest (key {key_id}); set BROKER_ENCRYPTION_KEYS"
+        try:
+            return self._cipher.decrypt(stored, key_id), None
+        except DecryptFailed as exc:
+            return "", str(exc)
+
     def seal(self, plain: Secret) -> tuple[str, str | None]:
         """(stored value, key id) for a token being written: encrypted under the primary key when configured."""
         if self._cipher is None:

@@ -373,6 +373,10 @@ class PostgresStore:
             return False
         return True
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
     def pool_stats(self) -> tuple[int, int]:
         """(size, in use) of the connection pool."""
         size = self._pool.get_size()

@@ -5,14 +5,17 @@
 - `listen`: the server, its ports, health and readiness;
 - `callers`: caller authentication (certificate SANs, caller tokens, the allowlist, per-caller limits);
 - `mesh`: identities a service-mesh sidecar verified (Envoy's XFCC, Linkerd's l5d-client-id);
-- `tls`: server certificates reloaded on change.
+- `tls`: server certificates reloaded on change;
+- `resourcefile`: BROKER_RESOURCES_FILE, the resource policy (which caller may get a token for which resource),
+  re-read on change.
 """
 
 from broker.server import listen
 from broker.server.callers import CallerGate, CallerTokens, load_caller_tokens
 from broker.server.entry import RpcEntry
 from broker.server.mesh import MeshIdentity
-from broker.server.service import SERVICE_NAME, TokenBrokerServicer
+from broker.server.resourcefile import ReloadingPolicy, load_policy
+from broker.server.service import SERVICE_NAME, PolicySource, TokenBrokerServicer
 from broker.server.tls import ReloadingCertificates
 
 __all__ = [
@@ -20,9 +23,12 @@ __all__ = [
     "CallerGate",
     "CallerTokens",
     "MeshIdentity",
+    "PolicySource",
     "ReloadingCertificates",
+    "ReloadingPolicy",
     "RpcEntry",
     "TokenBrokerServicer",
     "listen",
     "load_caller_tokens",
+    "load_policy",
 ]

@@ -24,7 +24,7 @@ import grpc
 
 from broker.errors import ConfigError
 from broker.model import parse_sha256_hex
-from broker.server.entry import Rejected
+from broker.server.entry import Rejected, record_identities
 from broker.server.mesh import MeshIdentity, peer_host
 
 log = logging.getLogger("broker.auth")
@@ -121,6 +121,7 @@ class CallerGate:
             if name is None:
                 raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
             identities.append(f"token:{name}")
+        record_identities(identities)
         if not identities and self._require:
             raise Rejected(
                 grpc.StatusCode.UNAUTHENTICATED, "caller identity required: a client certificate or a caller token"

@@ -32,6 +32,8 @@ class CallRecord:
     user_id: str | None = None
     result: TokenResult | None = None
     reported: bool = False  # the request reported a rejected access token
+    identities: tuple[str, ...] = ()  # every identity the caller authenticated with (the resource policy's input)
+    resource: str | None = None  # the resource the request named (a URI, never a token)
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
@@ -43,6 +45,26 @@ def record_result(user_id: str, result: TokenResult, *, reported: bool = False) 
         record.user_id = user_id
         record.result = result
         record.reported = reported
+
+
+def record_identities(identities: list[str]) -> None:
+    """The caller's authenticated identities, for the resource policy (set by the gatekeeper)."""
+    record = current_call.get()
+    if record is not None:
+        record.identities = tuple(identities)
+
+
+def call_identities() -> tuple[str, ...]:
+    record = current_call.get()
+    return record.identities if record is not None else ()
+
+
+def record_resource(user_id: str, resource: str) -> None:
+    """The resource a request named, audited even when the request is refused."""
+    record = current_call.get()
+    if record is not None:
+        record.user_id = user_id
+        record.resource = resource
 
 
 class Rejected(Exception):
@@ -235,6 +257,9 @@ class RpcEntry:
             rejected_token_reported=record.reported,
             audit=True,
         )
+        if record.resource is not None:
+            fields["resource"] = record.resource
+            fields["exchange"] = result.exchange if result else None
         if self._worker is not None:
             fields["worker"] = self._worker
         info_line(audit_log, "token request", fields)
@@ -244,6 +269,7 @@ class RpcEntry:
                     "token_broker.status": fields["status"],
                     "token_broker.refreshed": fields["refreshed"],
                     "token_broker.caller": record.caller,
+                    "token_broker.resource": record.resource,
                     "token_broker.user_id": record.user_id if self._trace_user_id else None,
                 }
             )

@@ -34,6 +34,12 @@ REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable", "o
 #: rejection of the token a forced refresh just produced; not_renewable: no refresh token or no IdP; failed: the
 #: refresh failed ("" with the usual status).
 FORCED_RESULTS = ("refreshed", "replaced", "loop_guard", "not_renewable", "failed")
+#: Token exchanges sent to the IdP (RFC 8693), by result: success; denied (invalid_target, access_denied ...);
+#: subject_rejected (the login token refused: refreshed once and retried); idp_unavailable; error.
+EXCHANGE_RESULTS = ("success", "denied", "subject_rejected", "idp_unavailable", "error")
+#: Requests refused by the resource policy: not_allowed (unknown resource or caller not listed: one answer),
+#: passthrough (no resource while BROKER_PASSTHROUGH=deny).
+RESOURCE_DENIALS = ("not_allowed", "passthrough")
 
 del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # the default registry's copies are not used
 
@@ -101,6 +107,33 @@ class Metrics:
         )
         for result in FORCED_RESULTS:
             self.forced_refreshes.labels(result=result)
+        self.exchanges = Counter(
+            "token_broker_exchanges",
+            "Token exchanges sent to the IdP (RFC 8693), by result.",
+            ["result"],
+            registry=registry,
+        )
+        for result in EXCHANGE_RESULTS:
+            self.exchanges.labels(result=result)
+        self.exchange_duration = Histogram(
+            "token_broker_exchange_duration_seconds",
+            "IdP round trip of a token exchange.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.exchange_cache_hits = Counter(
+            "token_broker_exchange_cache_hits",
+            "Requests for a resource answered from the exchanged-token cache (a token or a remembered refusal).",
+            registry=registry,
+        )
+        self.resource_denials = Counter(
+            "token_broker_resource_denials",
+            "Requests refused PERMISSION_DENIED by the resource policy, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RESOURCE_DENIALS:
+            self.resource_denials.labels(reason=reason)
         self.persist_failures = Counter(
             "token_broker_refresh_persist_failures",
             "Refreshed tokens whose write-back still failed after retrying (kept in memory).",
@@ -189,6 +222,17 @@ class Metrics:
 
     def forced_refresh(self, result: str) -> None:
         self.forced_refreshes.labels(result=result).inc()
+
+    # ExchangeObserver
+    def exchange_finished(self, result: str, seconds: float) -> None:
+        self.exchanges.labels(result=result).inc()
+        self.exchange_duration.observe(seconds)
+
+    def exchange_cache_hit(self) -> None:
+        self.exchange_cache_hits.inc()
+
+    def resource_denied(self, reason: str) -> None:
+        self.resource_denials.labels(reason=reason).inc()
 
 
 def serve_metrics(listen: str, registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:

@@ -20,6 +20,7 @@ class TokenStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOKEN_STATUS_IDP_UNAVAILABLE: _ClassVar[TokenStatus]
     TOKEN_STATUS_STORE_UNAVAILABLE: _ClassVar[TokenStatus]
     TOKEN_STATUS_ACCOUNT_DISABLED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_EXCHANGE_DENIED: _ClassVar[TokenStatus]
 TOKEN_STATUS_UNSPECIFIED: TokenStatus
 TOKEN_STATUS_VALID: TokenStatus
 TOKEN_STATUS_REFRESHED: TokenStatus
@@ -29,14 +30,17 @@ TOKEN_STATUS_REAUTH_REQUIRED: TokenStatus
 TOKEN_STATUS_IDP_UNAVAILABLE: TokenStatus
 TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus
 TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus
+TOKEN_STATUS_EXCHANGE_DENIED: TokenStatus
 
 class GetOIDCAccessTokenRequest(_message.Message):
-    __slots__ = ("user_id", "rejected_token_sha256")
+    __slots__ = ("user_id", "rejected_token_sha256", "resource")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOKEN_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     rejected_token_sha256: str
-    def __init__(self, user_id: _Optional[str] = ..., rejected_token_sha256: _Optional[str] = ...) -> None: ...
+    resource: str
+    def __init__(self, user_id: _Optional[str] = ..., rejected_token_sha256: _Optional[str] = ..., resource: _Optional[str] = ...) -> None: ...
 
 class GetOIDCAccessTokenResponse(_message.Message):
     __slots__ = ("access_token", "expires_at", "status")

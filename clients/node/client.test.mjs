@@ -27,6 +27,23 @@ test('against the broker: VALID, NO_LINK without a header, INVALID_ARGUMENT', { 
   }
 });
 
+test('audience-bound: a token for the MCP server, cached; PERMISSION_DENIED elsewhere', { skip: !env.TB_RESOURCE }, async () => {
+  const client = new TokenBrokerClient(env.TB_TARGET, { callerToken: env.TB_CALLER_TOKEN });
+  try {
+    const bound = await client.getOIDCAccessToken(env.TB_USER, { resource: env.TB_RESOURCE });
+    assert.ok(['TOKEN_STATUS_REFRESHED', 'TOKEN_STATUS_VALID'].includes(bound.status));
+    assert.ok(bound.accessToken && bound.accessToken !== env.TB_LOGIN_TOKEN);
+    assert.deepEqual(await client.bearerHeaders(env.TB_USER, { resource: env.TB_RESOURCE }), { Authorization: `Bearer ${bound.accessToken}` });
+    await assert.rejects(
+      client.getOIDCAccessToken(env.TB_USER, { resource: `${env.TB_RESOURCE}-unknown` }),
+      (err) => err.code === grpc.status.PERMISSION_DENIED,
+    );
+    process.stdout.write(`TB_BOUND_TOKEN=${bound.accessToken}\n`);
+  } finally {
+    client.close();
+  }
+});
+
 function fakeBroker(handler) {
   const here = path.dirname(fileURLToPath(import.meta.url));
   const definition = protoLoader.loadSync('broker/v1/token_broker.proto', {

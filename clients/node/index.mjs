@@ -45,10 +45,12 @@ export class TokenBrokerClient {
   /**
    * The user's token: {accessToken, status, expiresAt}. accessToken is "" for every status without a token.
    * @param {string} userId
-   * @param {{rejected?: string}} options rejected: an access token the upstream just refused (HTTP 401)
+   * @param {{rejected?: string, resource?: string}} options rejected: an access token the upstream just refused
+   *   (HTTP 401); resource: the MCP server's URI, for a token issued for that server alone (never the login token)
    */
-  async getOIDCAccessToken(userId, { rejected } = {}) {
+  async getOIDCAccessToken(userId, { rejected, resource } = {}) {
     const request = { user_id: userId };
+    if (resource) request.resource = resource;
     if (rejected) request.rejected_token_sha256 = createHash('sha256').update(rejected).digest('hex');
     const deadline = Date.now() + this.timeoutMs;
     let backoff = 100;

@@ -294,3 +294,48 @@ def test_the_mesh_shape_linkerd_policies_tie_the_server_to_the_allowlist() -> No
         "name": server["metadata"]["name"],
     }
     assert policy["spec"]["requiredAuthenticationRefs"][0]["name"] == mtls["metadata"]["name"]
+
+
+def test_the_resource_policy_is_rendered_to_the_file_the_broker_reads(
+    full_docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    from broker.server.resourcefile import load_policy
+
+    (cm,) = [c for c in by_kind(full_docs, "ConfigMap") if c["metadata"]["name"].endswith("-resources")]
+    (config,) = [c for c in by_kind(full_docs, "ConfigMap") if "BROKER_RESOURCES_FILE" in c.get("data", {})]
+    assert config["data"]["BROKER_PASSTHROUGH"] == "deny"
+    path = Path(config["data"]["BROKER_RESOURCES_FILE"])
+    (dep,) = by_kind(full_docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert "checksum/resources" in dep["spec"]["template"]["metadata"]["annotations"]
+    rendered = tmp_path / path.name
+    rendered.write_text(cm["data"][path.name])
+    allowed = frozenset({"uri:spiffe://cluster.local/ns/chat/sa/worker", "token:chat-worker"})
+    policy = load_policy(rendered, allowed)  # what the broker does at start-up
+    assert {e.resource for e in policy.entries()} == {"https://mcp.example.com/mcp", "https://search.example.com/mcp"}
+
+
+def test_the_schema_refuses_a_bad_resource_policy() -> None:
+    for bad in (
+        "broker.resources[0].resource=http://mcp.example.com/mcp",
+        "broker.passthrough=sometimes",
+    ):
+        with pytest.raises(subprocess.CalledProcessError):
+            helm.render(sets=(bad, "broker.resources[0].callers[0]=token:chat"))
+
+
+def test_the_mesh_policies_admit_every_caller_the_resource_policy_names() -> None:
+    sets = (
+        "broker.allowedCallers=null",
+        "broker.resources[0].resource=https://mcp.example.com/mcp",
+        "broker.resources[0].callers[0]=spiffe://cluster.local/ns/tools/sa/agent",
+        "broker.resources[0].callers[1]=dns:agent.tools.serviceaccount.identity.linkerd.cluster.local",
+    )
+    docs = helm.render(helm.MESH, sets=sets)
+    (ap,) = [d for d in by_kind(docs, "AuthorizationPolicy") if d["apiVersion"].startswith("security.istio.io")]
+    assert ap["spec"]["rules"][0]["from"][0]["source"]["principals"] == ["cluster.local/ns/tools/sa/agent"]
+    (mtls,) = by_kind(docs, "MeshTLSAuthentication")
+    assert mtls["spec"]["identities"] == ["agent.tools.serviceaccount.identity.linkerd.cluster.local"]

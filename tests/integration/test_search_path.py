@@ -146,6 +146,13 @@ async def test_functions_resolve_nothing_outside_pg_catalog_first(product_db: Da
     expected = {name: ["search_path=pg_catalog, pg_temp"] for name in paths}
     expected["store_refreshed"] = ["search_path=pg_catalog, public, pg_temp"]
     # The reads are plpgsql with one cached generic plan.
-    for read in ("get_oidc_link", "get_oidc_links", "read_oidc_link", "read_oidc_links"):
+    for read in (
+        "get_oidc_link",
+        "get_oidc_links",
+        "read_oidc_link",
+        "read_oidc_links",
+        "get_exchanged_token",
+        "get_oidc_link_exchanged",
+    ):
         expected[read] = [*expected[read], "plan_cache_mode=force_generic_plan"]
     assert paths == expected

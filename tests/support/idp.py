@@ -81,6 +81,12 @@ class OidcTestProvider:
         )
         r.raise_for_status()
 
+    def forget(self, access_token: str) -> None:
+        """Drop one access token at the IdP, not its grant: it is then invalid, while the refresh token works."""
+        r = httpx2.post(f"{self.issuer}/__test/forget", json={"token": access_token}, timeout=5)
+        r.raise_for_status()
+        assert r.json()["forgotten"]
+
     def active(self, token: str) -> bool:
         """Whether the IdP still considers an access token active (RFC 7662 introspection)."""
         r = httpx2.post(
@@ -88,6 +94,18 @@ class OidcTestProvider:
         )
         r.raise_for_status()
         return bool(r.json().get("active"))
+
+    def allow_exchange(
+        self, resource: str, clients: tuple[str, ...] = (CLIENT_ID,), *, ttl: int = 3600, expires_in: bool = True
+    ) -> None:
+        """Let `clients` exchange tokens (RFC 8693) for `resource`; issued tokens live `ttl` seconds (and say so in
+        expires_in unless `expires_in` is False: the JWT's exp is then the only hint)."""
+        r = httpx2.post(
+            f"{self.issuer}/__test/exchange",
+            json={"resource": resource, "clients": list(clients), "ttl": ttl, "expires_in": expires_in},
+            timeout=5,
+        )
+        r.raise_for_status()
 
     def set_fault(self, mode: str = "ok", delay_ms: int = 0) -> None:
         r = httpx2.post(f"{self.issuer}/__test/fault", json={"mode": mode, "delay_ms": delay_ms}, timeout=5)

@@ -167,3 +167,38 @@ def test_every_pool_size_leaves_a_connection_beyond_the_reads_and_the_refreshes(
 def test_the_charts_schema_states_the_same_smallest_pool() -> None:
     schema = json.loads((Path(__file__).parents[2] / "helm/token-broker/values.schema.json").read_text())
     assert schema["properties"]["broker"]["properties"]["dbPoolMax"]["minimum"] == DB_POOL_SMALLEST
+
+
+def test_passthrough_and_the_resources_file(tmp_path: Path) -> None:
+    policy = tmp_path / "resources.yaml"
+    policy.write_text("- resource: https://mcp.example.com/mcp\n  callers: [token:chat]\n")
+    idp = {
+        "BROKER_OIDC_ISSUER": "https://idp.example.com",
+        "BROKER_OIDC_CLIENT_ID": "broker",
+        "BROKER_OIDC_CLIENT_SECRET": "s",
+    }
+    s = Settings.from_env({**idp, "BROKER_RESOURCES_FILE": str(policy), "BROKER_PASSTHROUGH": "deny"})
+    assert (s.resources_file, s.passthrough) == (policy, "deny")
+    assert Settings.from_env({}).passthrough == "allow"
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"BROKER_RESOURCES_FILE": str(policy), "BROKER_PASSTHROUGH": "sometimes"})
+    assert "BROKER_PASSTHROUGH: must be allow or deny" in str(err.value)
+    assert "BROKER_RESOURCES_FILE: needs an identity provider" in str(err.value)
+
+
+def test_the_resources_file_is_read_as_json_or_yaml_with_every_error_named(tmp_path: Path) -> None:
+    from broker.server.resourcefile import load_policy
+
+    json_file = tmp_path / "r.json"
+    json_file.write_text('[{"resource": "https://a.example/mcp", "callers": ["token:chat"]}]')
+    assert len(load_policy(json_file, frozenset())) == 1
+    bad = tmp_path / "r.yaml"
+    bad.write_text("resources:\n  - resource: http://a.example/mcp\n    callers: []\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(bad, frozenset())
+    assert "entry 1: resource 'http://a.example/mcp' must be https" in str(err.value)
+    assert "entry 1: callers must be a non-empty list" in str(err.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("resources: [\n")
+    with pytest.raises(ConfigError, match="neither JSON nor YAML"):
+        load_policy(broken, frozenset())

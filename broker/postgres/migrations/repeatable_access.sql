@@ -253,6 +253,154 @@ BEGIN
     ALTER FUNCTION token_broker.abandon_refresh(pg_catalog.uuid, pg_catalog.bytea) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.heartbeat_refresh(pg_catalog.uuid[], pg_catalog.bytea[]) OWNER TO token_broker_elevated;
     ALTER FUNCTION token_broker.note_forced_refresh(pg_catalog.uuid) OWNER TO token_broker_elevated;
+    -- Tokens exchanged for one resource (0007): the elevated role alone reads and writes them. The lock is a
+    -- transaction-scoped advisory lock on the row's key, taken before the IdP call, so every replica exchanges a
+    -- key one at a time and re-reads the row under it (a dead holder's lock ends with its connection).
+    REVOKE ALL ON token_broker.exchanged_tokens FROM PUBLIC;
+    EXECUTE pg_catalog.format('REVOKE ALL ON token_broker.exchanged_tokens FROM %I', svc);
+    GRANT SELECT, INSERT, UPDATE, DELETE ON token_broker.exchanged_tokens TO token_broker_elevated;
+    CREATE OR REPLACE FUNCTION token_broker.get_exchanged_token(p_user_id pg_catalog.uuid,
+        p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
+    RETURNS TABLE (access_token pg_catalog.text, access_key_id pg_catalog.text, expiry pg_catalog.timestamptz,
+                   lifetime_seconds pg_catalog.float8, subject_sha256 pg_catalog.bytea,
+                   denied_seconds pg_catalog.float8, forced_seconds_ago pg_catalog.float8)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_generic_plan
+    AS $body$ BEGIN
+        -- plpgsql with a generic plan, as get_oidc_link: the cached path runs it on every request.
+        RETURN QUERY
+        SELECT e.access_token, e.access_key_id, e.expiry,
+               pg_catalog.date_part('epoch', e.expiry OPERATOR(pg_catalog.-) e.exchanged_at),
+               e.subject_sha256,
+               pg_catalog.date_part('epoch', e.denied_until OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()),
+               pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) e.forced_at)
+        FROM token_broker.exchanged_tokens e
+        WHERE e.user_id OPERATOR(pg_catalog.=) p_user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
+          AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope;
+    END $body$;
+    -- The cached path in one round trip: the link (as get_oidc_link) and the key's row, joined.
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.get_oidc_link_exchanged(p_user_id pg_catalog.uuid,
+            p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool,
+                       x_access_token pg_catalog.text, x_access_key_id pg_catalog.text,
+                       x_expiry pg_catalog.timestamptz, x_lifetime_seconds pg_catalog.float8,
+                       x_subject_sha256 pg_catalog.bytea, x_denied_seconds pg_catalog.float8,
+                       x_forced_seconds_ago pg_catalog.float8)
+        LANGUAGE plpgsql STABLE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        SET plan_cache_mode = force_generic_plan
+        AS $body$ BEGIN
+            RETURN QUERY
+            SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s,
+                   e.access_token, e.access_key_id, e.expiry,
+                   pg_catalog.date_part('epoch', e.expiry OPERATOR(pg_catalog.-) e.exchanged_at),
+                   e.subject_sha256,
+                   pg_catalog.date_part('epoch', e.denied_until OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()),
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) e.forced_at)
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.exchanged_tokens e
+                   ON e.user_id OPERATOR(pg_catalog.=) l.user_id AND e.resource OPERATOR(pg_catalog.=) p_resource
+                  AND e.audience OPERATOR(pg_catalog.=) p_audience AND e.scope OPERATOR(pg_catalog.=) p_scope
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+    CREATE OR REPLACE FUNCTION token_broker.lock_exchanged_token(p_user_id pg_catalog.uuid,
+        p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text)
+    RETURNS TABLE (access_token pg_catalog.text, access_key_id pg_catalog.text, expiry pg_catalog.timestamptz,
+                   lifetime_seconds pg_catalog.float8, subject_sha256 pg_catalog.bytea,
+                   denied_seconds pg_catalog.float8, forced_seconds_ago pg_catalog.float8)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$ BEGIN
+        PERFORM pg_catalog.pg_advisory_xact_lock(1952608869, pg_catalog.hashtext(
+            pg_catalog.format('%s|%s|%s|%s', p_user_id, p_resource, p_audience, p_scope)));
+        -- A statement after the lock (this function is VOLATILE, so it takes a new snapshot): it sees what the
+        -- previous holder committed.
+        RETURN QUERY SELECT * FROM token_broker.get_exchanged_token(p_user_id, p_resource, p_audience, p_scope);
+    END $body$;
+    CREATE OR REPLACE FUNCTION token_broker.store_exchanged_token(p_user_id pg_catalog.uuid,
+        p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text,
+        p_subject_sha256 pg_catalog.bytea, p_access_token pg_catalog.text, p_access_key_id pg_catalog.text,
+        p_expiry pg_catalog.timestamptz, p_forced pg_catalog.bool)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.exchanged_tokens AS e (user_id, resource, audience, scope, subject_sha256,
+            access_token, access_key_id, expiry, exchanged_at, denied_until, denied_error, forced_at)
+        VALUES (p_user_id, p_resource, p_audience, p_scope, p_subject_sha256, p_access_token, p_access_key_id,
+            p_expiry, pg_catalog.clock_timestamp(), NULL, NULL,
+            CASE WHEN p_forced THEN pg_catalog.clock_timestamp() END)
+        ON CONFLICT (user_id, resource, audience, scope) DO UPDATE
+            SET subject_sha256 = EXCLUDED.subject_sha256, access_token = EXCLUDED.access_token,
+                access_key_id = EXCLUDED.access_key_id, expiry = EXCLUDED.expiry,
+                exchanged_at = EXCLUDED.exchanged_at, denied_until = NULL, denied_error = NULL,
+                forced_at = COALESCE(EXCLUDED.forced_at, e.forced_at);
+        -- The user's other rows that expired long ago go with it (a row is never served after its expiry).
+        DELETE FROM token_broker.exchanged_tokens e
+        WHERE e.user_id OPERATOR(pg_catalog.=) p_user_id
+          AND e.expiry OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+                                               pg_catalog.make_interval(days => 1))
+          AND (e.denied_until IS NULL
+               OR e.denied_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp());
+    $body$;
+    CREATE OR REPLACE FUNCTION token_broker.deny_exchange(p_user_id pg_catalog.uuid,
+        p_resource pg_catalog.text, p_audience pg_catalog.text, p_scope pg_catalog.text,
+        p_subject_sha256 pg_catalog.bytea, p_seconds pg_catalog.float8, p_error pg_catalog.text)
+    RETURNS void
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.exchanged_tokens AS e (user_id, resource, audience, scope, subject_sha256,
+            access_token, access_key_id, expiry, exchanged_at, denied_until, denied_error)
+        VALUES (p_user_id, p_resource, p_audience, p_scope, p_subject_sha256, '', NULL, NULL,
+            pg_catalog.clock_timestamp(),
+            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => p_seconds), p_error)
+        ON CONFLICT (user_id, resource, audience, scope) DO UPDATE
+            SET subject_sha256 = EXCLUDED.subject_sha256, access_token = '', access_key_id = NULL, expiry = NULL,
+                exchanged_at = EXCLUDED.exchanged_at, denied_until = EXCLUDED.denied_until,
+                denied_error = EXCLUDED.denied_error
+    $body$;
+    ALTER FUNCTION token_broker.get_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) OWNER TO token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_oidc_link_exchanged(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text) TO %I', svc);
+    ALTER FUNCTION token_broker.lock_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.store_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text, pg_catalog.bytea, pg_catalog.text, pg_catalog.text, pg_catalog.timestamptz,
+        pg_catalog.bool) OWNER TO token_broker_elevated;
+    ALTER FUNCTION token_broker.deny_exchange(pg_catalog.uuid, pg_catalog.text, pg_catalog.text, pg_catalog.text,
+        pg_catalog.bytea, pg_catalog.float8, pg_catalog.text) OWNER TO token_broker_elevated;
+    REVOKE ALL ON FUNCTION token_broker.get_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.lock_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.store_exchanged_token(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text, pg_catalog.bytea, pg_catalog.text, pg_catalog.text, pg_catalog.timestamptz,
+        pg_catalog.bool) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION token_broker.deny_exchange(pg_catalog.uuid, pg_catalog.text, pg_catalog.text,
+        pg_catalog.text, pg_catalog.bytea, pg_catalog.float8, pg_catalog.text) FROM PUBLIC;
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.get_exchanged_token(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.lock_exchanged_token(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.store_exchanged_token(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.bytea, pg_catalog.text, pg_catalog.text,'
+        ' pg_catalog.timestamptz, pg_catalog.bool) TO %I', svc);
+    EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION token_broker.deny_exchange(pg_catalog.uuid,'
+        ' pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.bytea, pg_catalog.float8, pg_catalog.text)'
+        ' TO %I', svc);
+
     REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
 
     REVOKE ALL ON FUNCTION token_broker.get_oidc_link(pg_catalog.uuid) FROM PUBLIC;

@@ -107,13 +107,26 @@ func New(target string, opts Options) (*Client, error) {
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
+// CallOption adjusts one request.
+type CallOption func(*brokerv1.GetOIDCAccessTokenRequest)
+
+// ForResource asks for a token issued for the MCP server at `uri` (RFC 8707 resource; the broker exchanges the
+// user's login token for it, RFC 8693), never the login token: "" with TOKEN_STATUS_EXCHANGE_DENIED when the IdP
+// refuses, PERMISSION_DENIED when this caller may not have one for that server.
+func ForResource(uri string) CallOption {
+	return func(r *brokerv1.GetOIDCAccessTokenRequest) { r.Resource = uri }
+}
+
 // GetOIDCAccessToken asks for the user's token. `rejected` is "" or the access token an upstream just refused (HTTP
 // 401): only its SHA-256 is sent, and the broker refreshes it once for every caller that reports it. An error is
 // returned only for the call itself (INVALID_ARGUMENT, auth, deadline, UNAVAILABLE after the retries).
-func (c *Client) GetOIDCAccessToken(ctx context.Context, userID, rejected string) (Token, error) {
+func (c *Client) GetOIDCAccessToken(ctx context.Context, userID, rejected string, opts ...CallOption) (Token, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	req := &brokerv1.GetOIDCAccessTokenRequest{UserId: userID}
+	for _, opt := range opts {
+		opt(req)
+	}
 	if rejected != "" {
 		sum := sha256.Sum256([]byte(rejected))
 		req.RejectedTokenSha256 = hex.EncodeToString(sum[:])
@@ -148,8 +161,8 @@ func (c *Client) call(ctx context.Context, req *brokerv1.GetOIDCAccessTokenReque
 }
 
 // BearerHeaders follows the Python client's rule: the header with a token, an empty map without one.
-func (c *Client) BearerHeaders(ctx context.Context, userID string) (map[string]string, error) {
-	t, err := c.GetOIDCAccessToken(ctx, userID, "")
+func (c *Client) BearerHeaders(ctx context.Context, userID string, opts ...CallOption) (map[string]string, error) {
+	t, err := c.GetOIDCAccessToken(ctx, userID, "", opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -160,15 +173,18 @@ func (c *Client) BearerHeaders(ctx context.Context, userID string) (map[string]s
 type TokenSource struct {
 	client *Client
 	userID string
+	opts   []CallOption
 }
 
-// TokenSource returns the token source of one user.
-func (c *Client) TokenSource(userID string) *TokenSource { return &TokenSource{client: c, userID: userID} }
+// TokenSource returns the token source of one user (for one MCP server with ForResource).
+func (c *Client) TokenSource(userID string, opts ...CallOption) *TokenSource {
+	return &TokenSource{client: c, userID: userID, opts: opts}
+}
 
 // Token returns the user's access token, or "" with no error for every status that carries none (no link, expired,
 // the IdP or the database down, re-login needed): the caller then sends no Authorization header.
 func (s *TokenSource) Token(ctx context.Context) (string, error) {
-	t, err := s.client.GetOIDCAccessToken(ctx, s.userID, "")
+	t, err := s.client.GetOIDCAccessToken(ctx, s.userID, "", s.opts...)
 	if err != nil {
 		return "", err
 	}
@@ -178,7 +194,7 @@ func (s *TokenSource) Token(ctx context.Context) (string, error) {
 // Rejected reports that an upstream refused `token` and returns what the broker answers instead ("" when the user
 // must log in again, or on any other status without a token).
 func (s *TokenSource) Rejected(ctx context.Context, token string) (string, error) {
-	t, err := s.client.GetOIDCAccessToken(ctx, s.userID, token)
+	t, err := s.client.GetOIDCAccessToken(ctx, s.userID, token, s.opts...)
 	if err != nil {
 		return "", err
 	}

@@ -149,3 +149,35 @@ func TestARejectedTokenTravelsOnlyAsItsSHA256(t *testing.T) {
 		t.Fatalf("fingerprint %q", f.last.GetRejectedTokenSha256())
 	}
 }
+
+// An audience-bound token (issue #24), against the real broker and IdP: run by tests/integration/test_exchange.py
+// (`-run TestAudienceBound`) with a resource the broker's policy lists for this caller token.
+func TestAudienceBound(t *testing.T) {
+	target, resource := os.Getenv("TB_TARGET"), os.Getenv("TB_RESOURCE")
+	if target == "" || resource == "" {
+		t.Skip("TB_TARGET or TB_RESOURCE unset: run through tests/integration/test_exchange.py")
+	}
+	c, err := New(target, Options{CallerToken: os.Getenv("TB_CALLER_TOKEN")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	bound, err := c.GetOIDCAccessToken(ctx, os.Getenv("TB_USER"), "", ForResource(resource))
+	if err != nil || bound.AccessToken == "" || bound.AccessToken == os.Getenv("TB_LOGIN_TOKEN") {
+		t.Fatalf("a token for the resource: %v, %v", bound.Status, err)
+	}
+	source := c.TokenSource(os.Getenv("TB_USER"), ForResource(resource))
+	if again, err := source.Token(ctx); err != nil || again != bound.AccessToken {
+		t.Fatalf("the cached token for the resource: %v", err)
+	}
+	headers, err := c.BearerHeaders(ctx, os.Getenv("TB_USER"), ForResource(resource))
+	if err != nil || headers["Authorization"] != "Bearer "+bound.AccessToken {
+		t.Fatalf("bearer headers for the resource: %v", err)
+	}
+	_, err = c.GetOIDCAccessToken(ctx, os.Getenv("TB_USER"), "", ForResource(resource+"-unknown"))
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("an unknown resource: %v", err)
+	}
+	os.Stdout.WriteString("TB_BOUND_TOKEN=" + bound.AccessToken + "\n")
+}

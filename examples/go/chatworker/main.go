@@ -4,6 +4,7 @@
 //
 // With a token it sends "Authorization: Bearer <token>"; without one, no header. On a 401 to a token, it reports the
 // token once (only its SHA-256 travels) and retries once with the answer. Prints the upstream's HTTP status.
+// With -audience-bound it asks for a token issued for the upstream alone (the MCP specification's rule).
 package main
 
 import (
@@ -39,6 +40,7 @@ func call(ctx context.Context, upstream, token string) (int, error) {
 func main() {
 	broker := flag.String("broker", "127.0.0.1:50051", "the broker's address")
 	upstream := flag.String("upstream", "", "the upstream MCP server's URL")
+	bound := flag.Bool("audience-bound", false, "send a token issued for the upstream (its URL is the resource)")
 	flag.Parse()
 	if *upstream == "" || flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: chatworker -broker HOST:PORT -upstream URL USER_ID")
@@ -52,7 +54,11 @@ func main() {
 		os.Exit(1)
 	}
 	defer client.Close()
-	source := client.TokenSource(flag.Arg(0))
+	var opts []tokenbroker.CallOption
+	if *bound {
+		opts = append(opts, tokenbroker.ForResource(*upstream))
+	}
+	source := client.TokenSource(flag.Arg(0), opts...)
 	token, err := source.Token(ctx)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "broker:", err)

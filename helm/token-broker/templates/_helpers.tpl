@@ -64,3 +64,13 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+Every caller identity the mesh must admit: the allowlist and every caller the resource policy names.
+*/}}
+{{- define "token-broker.meshCallers" -}}
+{{- $callers := list }}
+{{- range .Values.broker.allowedCallers }}{{ $callers = append $callers . }}{{ end }}
+{{- range .Values.broker.resources }}{{ range .callers }}{{ $callers = append $callers . }}{{ end }}{{ end }}
+{{- toJson (uniq $callers) }}
+{{- end }}
