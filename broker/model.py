@@ -70,6 +70,18 @@ class Link:
     marker_idle_seconds: float | None = None  # this refresh token is at the IdP (in-flight marker); seconds since
     # its holder's last heartbeat. Only read under the refresh lock.
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
+    reauth_fingerprint: bytes | None = None  # the link is recorded as needing a new login, for the tokens with this
+    # fingerprint (see `fingerprint`); while they are still the link's, nothing is sent to the IdP
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 over the SHA-256s of the access and refresh tokens: what the recorded re-auth-required state
+        names the link's tokens by (a new login changes it). Never reversible to a token."""
+        return hashlib.sha256(self.access_token.sha256() + self.refresh_token.sha256()).digest()
+
+    @property
+    def known_dead(self) -> bool:
+        """Recorded as needing a new login, and its tokens are still those it was recorded for."""
+        return self.reauth_fingerprint is not None and self.reauth_fingerprint == self.fingerprint()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,12 @@ class RefreshedTokens:
     access_token: Secret
     refresh_token: Secret
     expiry: datetime | None
+
+
+#: The link events (issue 25): one per change of a link's recorded state.
+REAUTH_REQUIRED = "link.reauth_required"
+RECOVERED = "link.recovered"
+EVENT_TYPES = (REAUTH_REQUIRED, RECOVERED)
 
 
 def utcnow() -> datetime:

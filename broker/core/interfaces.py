@@ -33,6 +33,16 @@ class LockedLink(Protocol):
         """Record, in the locked transaction, that this refresh was forced by an upstream's rejection."""
         ...
 
+    async def note_reauth_required(self, error: str, *, forced: bool) -> bool:
+        """Record, in the locked transaction, that the link needs a new login (the IdP answered `error` for its
+        current refresh token), with its link.reauth_required event. False when that was recorded already."""
+        ...
+
+    async def note_recovered(self, fingerprint: bytes, how: str) -> bool:
+        """Lift, in the locked transaction, the re-auth-required state recorded for `fingerprint`, with its
+        link.recovered event. False when another did."""
+        ...
+
 
 class LinkStore(Protocol):
     """Reads and writes OIDC links under the elevated database role."""
@@ -58,6 +68,14 @@ class LinkStore(Protocol):
 
     async def ping(self, *, timeout: float) -> bool:
         """Whether the database answers (readiness)."""
+        ...
+
+    async def note_reauth_required(self, link: Link, error: str, *, forced: bool, timeout: float) -> bool:
+        """Record, on its own, that `link` (as read) needs a new login, with its event; False when recorded already."""
+        ...
+
+    async def note_recovered(self, user_id: UUID, fingerprint: bytes, how: str, *, timeout: float) -> bool:
+        """Lift the re-auth-required state recorded for `fingerprint`, with its event; False when another did."""
         ...
 
 
@@ -90,6 +108,10 @@ class RefreshObserver(Protocol):
 
     def forced_refresh(self, result: str) -> None: ...
 
+    def link_event(self, event_type: str) -> None:
+        """A link event was written (committed with the state it records)."""
+        ...
+
 
 class NullObserver:
     """A RefreshObserver that records nothing."""
@@ -110,6 +132,9 @@ class NullObserver:
         pass
 
     def forced_refresh(self, result: str) -> None:
+        pass
+
+    def link_event(self, event_type: str) -> None:
         pass
 
 

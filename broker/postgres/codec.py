@@ -46,6 +46,7 @@ class Codec:
             # The marker counts only for the token stored now (it holds the SHA-256 of the plain token).
             marker_idle_seconds=idle if marker_sha is not None and marker_sha == Secret(refresh).sha256() else None,
             forced_seconds_ago=row.get("forced_seconds_ago", None),
+            reauth_fingerprint=row.get("reauth_fingerprint", None),
         )
 
     def _open(self, row: asyncpg.Record) -> tuple[str, str, str | None]:

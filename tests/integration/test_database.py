@@ -49,6 +49,7 @@ async def test_migrate_twice_is_idempotent(databases: DatabaseFactory) -> None:
         "0002_refresh_in_flight.sql",
         "0003_marker_heartbeat.sql",
         "0004_forced_refresh.sql",
+        "0008_link_events.sql",
     ]
     assert second.applied == []
     assert second.already_applied == 4

@@ -314,6 +314,7 @@ class SavesFail:
         self.failing = True
         self.get_link, self.heartbeat, self.ping = inner.get_link, inner.heartbeat, inner.ping
         self.dbcrypt_keys = inner.dbcrypt_keys
+        self.note_reauth_required, self.note_recovered = inner.note_reauth_required, inner.note_recovered
 
     async def save_refreshed(self, *args: Any, **kwargs: Any) -> bool:
         if self.failing:

@@ -255,6 +255,7 @@ class HeldReads:
         self.inner, self.gate = inner, gate
         self.lock_link, self.save_refreshed = inner.lock_link, inner.save_refreshed
         self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
+        self.note_reauth_required, self.note_recovered = inner.note_reauth_required, inner.note_recovered
 
     async def get_link(self, user_id: uuid.UUID, *, timeout: float) -> Link | None:
         await self.gate.wait()
