@@ -9,22 +9,25 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from broker import __version__
-from broker.config import Settings
+from broker.config import Settings, webhook_key
 from broker.core import CircuitSettings, Domain, RefreshSettings, build_domain
 from broker.core.interfaces import Gatekeeper, IdentityProvider, LinkStore
+from broker.errors import StoreUnavailable
+from broker.events.webhook import WebhookDelivery
 from broker.idp import OidcRefresher
 from broker.postgres import Cipher, PostgresStore, parse_keys
+from broker.postgres.events import PostgresEvents
 from broker.server import (
     SERVICE_NAME,
     CallerGate,
@@ -36,6 +39,7 @@ from broker.server import (
     listen,
     load_caller_tokens,
 )
+from broker.server.watch import LinkEventWatch
 from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 from broker.telemetry.metrics import Metrics
 from broker.workers import WorkerReadiness
@@ -72,12 +76,13 @@ def build_service(
     idp: IdentityProvider | None,
     metrics: Metrics,
     tracer: Tracer = NULL_TRACER,
+    watch: LinkEventWatch | None = None,
 ) -> Service:
     """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O."""
     circuit = CircuitSettings(settings.circuit_failures, settings.circuit_open_seconds)
     domain = build_domain(refresh_settings(settings), circuit, store, idp, metrics, tracer)
     metrics.bind_unpersisted(domain.unpersisted)
-    return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout), domain)
+    return Service(TokenBrokerServicer(domain.tokens, settings.request_timeout, watch), domain)
 
 
 class App:
@@ -122,7 +127,9 @@ class App:
         await self._health.set(SERVICE_NAME, listen.NOT_SERVING)
         gatekeeper = _gatekeeper(self.settings, self.metrics.untrusted_identity_headers.inc)
         store = await self._open_store()
-        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer)
+        feed = self._start_events(store)
+        watch = LinkEventWatch(feed, self.settings.events.poll_interval, self._stopping)
+        service = build_service(self.settings, store, await self._open_idp(), self.metrics, self.tracer, watch)
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
         self._server = self._build_server(service, gatekeeper)
         await self._start_listeners(self._server)
@@ -144,6 +151,50 @@ class App:
                 "worker": self.settings.worker_index,
             },
         )
+
+    def _start_events(self, store: LinkStore) -> PostgresEvents | None:
+        """The outbox's reader, and the tasks that deliver webhooks and keep the outbox (retention, backlog)."""
+        if not isinstance(store, PostgresStore):
+            return None
+        e = self.settings.events
+        events = PostgresEvents(store, self.settings.request_timeout)
+        if e.webhook_enabled:
+            assert e.webhook_url is not None
+            assert e.webhook_secret is not None
+            key = webhook_key(e.webhook_secret)
+            assert key is not None
+            delivery = WebhookDelivery(
+                events,
+                e.webhook_url,
+                key,
+                timeout=e.webhook_timeout,
+                retry_period=e.webhook_retry_period,
+                poll_interval=e.poll_interval,
+                on_result=lambda result: self.metrics.webhook_deliveries.labels(result=result).inc(),
+            )
+            self.metrics.on_link_event(delivery.wake)
+            self._background(delivery.run(), "webhook-delivery")
+        self._background(self._keep_outbox(events), "link-events-outbox")
+        return events
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._stack.push_async_callback(_cancel, task)
+
+    async def _keep_outbox(self, events: PostgresEvents) -> None:
+        """Every few seconds the webhook backlog's age (a gauge); every minute, the retention."""
+        pruned_at = 0.0
+        while True:
+            try:
+                self.metrics.webhook_backlog_age.set(await events.backlog_seconds())
+                if time.monotonic() - pruned_at >= 60:
+                    pruned_at = time.monotonic()
+                    gone = await events.prune(self.settings.events.retention)
+                    if gone:
+                        log.info("link events past the retention deleted", extra={"count": gone})
+            except StoreUnavailable as exc:
+                log.debug("link events outbox not kept this time: %s", exc)
+            await asyncio.sleep(5.0)
 
     def _peers(self) -> WorkerReadiness | None:
         s = self.settings
@@ -179,7 +230,9 @@ class App:
         if s.encryption_keys is not None:
             cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
         # Two connections are held for valid-token reads (half the pool at most); the rest serve refreshes.
-        store = PostgresStore(pool, cipher, read_connections=max(1, min(2, s.db_pool_max // 2)))
+        store = PostgresStore(
+            pool, cipher, read_connections=max(1, min(2, s.db_pool_max // 2)), webhooks=s.events.webhook_enabled
+        )
         self._stack.push_async_callback(store.close)  # before the pool closes: it waits for held connections
         self.metrics.bind_pool(store.pool_stats)
         if cipher is not None:
@@ -281,6 +334,7 @@ def _gatekeeper(s: Settings, on_untrusted: Callable[[], None]) -> Gatekeeper:
         allowed=s.allowed_callers,
         tokens=tokens,
         max_concurrent=s.max_concurrent_per_caller,
+        watchers=s.events.watchers,
     )
 
 

@@ -99,6 +99,20 @@ RECOVERED = "link.recovered"
 EVENT_TYPES = (REAUTH_REQUIRED, RECOVERED)
 
 
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
+    """One link event as written to the outbox. Never a token, a token hash or a client secret."""
+
+    id: int
+    type: str  # REAUTH_REQUIRED or RECOVERED
+    user_id: UUID
+    occurred_at: datetime
+    error: str = ""  # link.reauth_required: the IdP's error code (invalid_grant), or no_refresh_token
+    forced: bool = False  # link.reauth_required: it came from a refresh forced by an upstream's rejection
+    recovered_by: str = ""  # link.recovered: login (new tokens seen) or refresh (a refresh succeeded)
+    attempts: int = 0  # webhook delivery attempts so far, this one included
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

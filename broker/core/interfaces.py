@@ -144,3 +144,7 @@ class Gatekeeper(Protocol):
     async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
         """Return (caller identity, release callback), or raise broker.calls.Rejected."""
         ...
+
+    async def admit_watcher(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> str:
+        """The identity of a caller allowed to watch link events, or raise Rejected."""
+        ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -12,6 +13,7 @@ import grpc
 from broker.core.tokens import TokenService
 from broker.model import TokenResult, TokenStatus
 from broker.server.entry import Rejected, record_result
+from broker.server.watch import LinkEventWatch
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
@@ -68,9 +70,17 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
     """broker.v1.TokenBroker: validates the request, derives the budget from the caller's deadline (capped by
     BROKER_REQUEST_TIMEOUT), asks the token service, and maps its result to the response."""
 
-    def __init__(self, tokens: TokenService, request_timeout: float) -> None:
+    def __init__(self, tokens: TokenService, request_timeout: float, watch: LinkEventWatch | None = None) -> None:
         self._tokens = tokens
         self._request_timeout = request_timeout
+        self._watch = watch
+
+    def WatchLinkEvents(  # noqa: N802 - the name is the RPC's
+        self, request: pb.WatchLinkEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchLinkEventsResponse]:
+        if self._watch is None:
+            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "link events are not served here")
+        return self._watch.watch(request, context)
 
     async def GetOIDCAccessToken(  # noqa: N802 - the name is the RPC's
         self, request: pb.GetOIDCAccessTokenRequest, context: grpc.aio.ServicerContext
