@@ -156,3 +156,113 @@ async def test_a_new_login_is_one_recovered_event_seen_by_every_replica(
         ("link.reauth_required", None),
         ("link.recovered", "login"),
     ]
+
+
+async def kill_link(db: Database, uid: uuid.UUID, n: int) -> None:
+    """Give the link new tokens (a new login) that are dead at once: its next refresh is rejected."""
+    await db.execute(
+        "UPDATE user_links SET oauth_access_token = $2, oauth_refresh_token = $3, oauth_expiry = $4"
+        " WHERE user_id = $1 AND login_type = 'oidc'",
+        uid,
+        f"expired-access-{n}",
+        f"dead-refresh-{uid}-{n}",
+        past(),
+    )
+
+
+async def test_a_receiver_down_for_25s_then_back_gets_every_event_in_order_per_user(
+    db: Database, idp: OidcTestProvider, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.stop()  # down: connection refused
+    users = [uuid.uuid4() for _ in range(3)]
+    for uid in users:
+        await db.insert_link(uid, "expired-access", f"dead-refresh-{uid}", past())
+    b = BrokerProcess(webhook_env(db, idp, receiver, BROKER_WORKERS="2"), tmp_path / "b.log")
+    try:
+        down_since = time.monotonic()
+        for n in range(3):
+            for uid in users:
+                if n:
+                    await kill_link(db, uid, n)  # a new login that dies again: recovered, then re-auth required
+                assert await stampede([b.target], uid, 10) == Counter({"TOKEN_STATUS_REAUTH_REQUIRED": 10})
+        expected = await events_of(db)
+        assert len(expected) == 3 * 5
+        while time.monotonic() - down_since < 25:
+            await asyncio.sleep(0.5)
+        assert receiver.received() == []
+        back = time.monotonic()
+        receiver.start()
+        got = receiver.wait_for(len(expected), timeout=60)
+        last = time.monotonic() - back
+        rows = await wait_until_settled(db, len(expected), timeout=30)
+    finally:
+        b.stop()
+    assert sorted(int(e["id"]) for e in got) == [i for i, _, _ in rows]  # every one, none twice
+    for uid in users:
+        mine = [(int(e["id"]), e["type"]) for e in got if e["user_id"] == str(uid)]
+        assert mine == [(i, t) for i, t, _ in await events_of(db, uid)]  # in order per user
+        assert [t for _, t in mine] == ["link.reauth_required", *(["link.recovered", "link.reauth_required"] * 2)]
+    by_id: dict[str, bytes] = {}
+    for d in receiver.received():  # a retried event is the same event: same id, same body
+        assert by_id.setdefault(d.msg_id, d.raw) == d.raw
+    assert receiver.max_concurrent_per_user == 1
+    assert receiver.rejected_signatures == 0
+    print(f"outage 25s: all {len(got)} events delivered {last:.1f}s after the receiver came back")
+
+
+async def test_a_broker_killed_while_delivering_is_taken_over_by_the_survivor(
+    db: Database, idp: OidcTestProvider, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.mode = "hang"  # the first attempt never gets an answer
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "expired-access", f"dead-refresh-{uid}", past())
+    a = BrokerProcess(webhook_env(db, idp, receiver), tmp_path / "a.log")
+    survivor: BrokerProcess | None = None
+    try:
+        assert await stampede([a.target], uid, 5) == Counter({"TOKEN_STATUS_REAUTH_REQUIRED": 5})
+        deadline = time.monotonic() + 20
+        while receiver.attempts == 0:  # a has claimed the event and is sending it
+            assert time.monotonic() < deadline, "no delivery attempt"
+            await asyncio.sleep(0.05)
+        survivor = BrokerProcess(webhook_env(db, idp, receiver), tmp_path / "b.log")
+        a.kill()
+        killed = time.monotonic()
+        receiver.mode = "ok"
+        receiver.release()
+        got = receiver.wait_for(1, timeout=30)
+        took = time.monotonic() - killed
+        await wait_until_settled(db, 1, timeout=10)
+    finally:
+        a.stop()
+        if survivor is not None:
+            survivor.stop()
+    assert [(e["type"], e["user_id"]) for e in got] == [("link.reauth_required", str(uid))]
+    print(f"claim of a SIGKILLed broker taken over; delivered {took:.1f}s after the kill")
+
+
+async def test_outages_open_circuits_and_invalid_client_emit_nothing_and_record_no_state(
+    db: Database, idp: OidcTestProvider, receiver: Receiver, tmp_path: Path
+) -> None:
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "expired-access", f"dead-refresh-{uid}", past())
+    idp.set_fault("down")
+    b = BrokerProcess(webhook_env(db, idp, receiver, BROKER_CIRCUIT_FAILURES="2"), tmp_path / "b.log")
+    try:
+        answers = Counter()
+        for _ in range(6):  # outages, then the circuit opens
+            answers += await stampede([b.target], uid, 3)
+        assert answers == Counter({"TOKEN_STATUS_IDP_UNAVAILABLE": 18}), answers
+    finally:
+        b.stop()
+        idp.set_fault("ok")
+    wrong = webhook_env(db, idp, receiver, BROKER_OIDC_CLIENT_SECRET="not-the-secret")
+    c = BrokerProcess(wrong, tmp_path / "c.log")
+    try:  # invalid_client: today's answer and back-off, and no state: the next broker with the right secret tries
+        assert await stampede([c.target], uid, 3) == Counter({"TOKEN_STATUS_REAUTH_REQUIRED": 3})
+    finally:
+        c.stop()
+    assert await events_of(db) == []
+    assert await db.fetchrow("SELECT * FROM token_broker.link_state") is None
+    assert "circuit" in (tmp_path / "b.log").read_text()
+    await asyncio.sleep(0)
+    assert receiver.attempts == 0
