@@ -248,7 +248,7 @@ async def test_outages_open_circuits_and_invalid_client_emit_nothing_and_record_
     idp.set_fault("down")
     b = BrokerProcess(webhook_env(db, idp, receiver, BROKER_CIRCUIT_FAILURES="2"), tmp_path / "b.log")
     try:
-        answers = Counter()
+        answers: Counter[str] = Counter()
         for _ in range(6):  # outages, then the circuit opens
             answers += await stampede([b.target], uid, 3)
         assert answers == Counter({"TOKEN_STATUS_IDP_UNAVAILABLE": 18}), answers
