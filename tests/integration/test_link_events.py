@@ -13,12 +13,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import httpx2
 import pytest
 
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env
-from tests.support.idp import OidcTestProvider
+from tests.support.idp import CLIENT_SECRET, OidcTestProvider
 from tests.support.pg import Database
 from tests.support.webhooks import Receiver
 
@@ -266,3 +267,56 @@ async def test_outages_open_circuits_and_invalid_client_emit_nothing_and_record_
     assert "circuit" in (tmp_path / "b.log").read_text()
     await asyncio.sleep(0)
     assert receiver.attempts == 0
+
+
+async def test_no_token_or_secret_in_any_event_log_line_or_metric(
+    db: Database, idp: OidcTestProvider, receiver: Receiver, tmp_path: Path
+) -> None:
+    uid = uuid.uuid4()
+    first = await idp.login(f"user-{uid}")
+    assert idp.refresh_directly(first.refresh_token).status_code == 200  # rotated elsewhere: the stored one is dead
+    await db.insert_link(uid, first.access_token, first.refresh_token, past())
+    env = webhook_env(db, idp, receiver, BROKER_WORKERS="2", BROKER_LOG_LEVEL="DEBUG")
+    b = BrokerProcess(env, tmp_path / "b.log", metrics=True)
+    try:
+        assert await stampede([b.target], uid, 20) == Counter({"TOKEN_STATUS_REAUTH_REQUIRED": 20})
+        second = await relogin(db, idp, uid)
+        assert await stampede([b.target], uid, 20) == Counter({"TOKEN_STATUS_VALID": 20})
+        receiver.wait_for(2, timeout=30)
+        await wait_until_settled(db, 2, timeout=30)
+        deadline = time.monotonic() + 10
+        while 'token_broker_webhook_deliveries_total{result="delivered"} 2.0' not in (metrics := scrape(b)):
+            assert time.monotonic() < deadline, metrics
+            await asyncio.sleep(0.2)
+    finally:
+        b.stop()
+    link = await db.link(uid)
+    assert link is not None
+    secrets = {
+        first.access_token,
+        first.refresh_token,
+        second,
+        link["oauth_refresh_token"],
+        CLIENT_SECRET,
+        receiver.secret,
+        receiver.secret.removeprefix("whsec_"),
+    }
+    outbox = await db.fetchrow(
+        "SELECT string_agg(detail::text || type || user_id::text, ' ') AS all FROM token_broker.link_events"
+    )
+    assert outbox is not None
+    sent = " ".join(d.raw.decode() + str(d.headers) for d in receiver.received())
+    for place, text in (
+        ("log", (tmp_path / "b.log").read_text()),
+        ("metrics", metrics),
+        ("webhook", sent),
+        ("outbox", outbox["all"]),
+    ):
+        for secret in secrets:
+            assert secret not in text, f"a secret in the {place}"
+    assert 'token_broker_link_events_total{type="link.reauth_required"} 1.0' in metrics
+    assert 'token_broker_link_events_total{type="link.recovered"} 1.0' in metrics
+
+
+def scrape(b: BrokerProcess) -> str:
+    return httpx2.get(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5).text
