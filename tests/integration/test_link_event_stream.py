@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 import pytest
 
+from broker.client import TokenBrokerClient
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 from tests.support.broker import BrokerProcess, broker_env, running_broker
@@ -231,3 +232,31 @@ async def test_live_events_behind_pgbouncer_in_transaction_pooling(
         got = await take(stream, 5)
         stream.cancel()
     assert [int(e.id) for e in got] == await ids_in_db(db)
+
+
+async def test_the_python_helper_resumes_across_a_broker_restart(db: Database, tokens: Path, tmp_path: Path) -> None:
+    uid = uuid.uuid4()
+    await emit(db, uid, 1)
+    first = BrokerProcess(stream_env(db, tokens), tmp_path / "a.log")
+    port = first.port
+    second: BrokerProcess | None = None
+    got: list[pb.LinkEvent] = []
+    try:
+        async with TokenBrokerClient(first.target, caller_token="watcher-secret-token") as client:
+            events = client.watch_link_events(after="0")
+            async with asyncio.timeout(60):
+                got.append(await anext(events))
+                await emit(db, uid, 1)
+                got.append(await anext(events))
+                os.kill(first.proc.pid, signal.SIGTERM)  # the stream ends UNAVAILABLE; the helper reconnects
+                first.proc.wait(timeout=15)
+                await emit(db, uid, 2)  # while no broker runs
+                second = BrokerProcess(stream_env(db, tokens), tmp_path / "b.log", port=port)
+                while len(got) < 1 + 2 + 4:
+                    got.append(await anext(events))
+            await events.aclose()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert [int(e.id) for e in got] == await ids_in_db(db)  # across the restart: no gap, no repeat

@@ -137,8 +137,8 @@ async def postgres_store(db: Database) -> AsyncIterator[PostgresStore]:
 class BrokerProcess:
     """`python -m broker serve` as a separate OS process (a replica)."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False, port: int = 0) -> None:
+        self.port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
         full = dict(os.environ)
         full.update(env)
