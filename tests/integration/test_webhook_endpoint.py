@@ -5,18 +5,24 @@ next events go on; the retention never deletes what is still to be delivered; th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 
 import asyncpg
+import httpx2
 import pytest
 
-from tests.support.broker import broker_env, running_broker
+from broker.postgres.embedded import free_port
+from tests.support.broker import ROOT, broker_env, running_broker
 from tests.support.pg import Database
-from tests.support.webhooks import Receiver
+from tests.support.processes import terminate
+from tests.support.webhooks import Receiver, new_secret
 
 
 @pytest.fixture
@@ -145,3 +151,39 @@ async def test_the_backlog_age_is_a_gauge_of_the_oldest_undelivered_event(db: Da
         receiver.start()
         await until(lambda: _all_delivered(db), timeout=30)
         await until(lambda: b.sample("token_broker_webhook_oldest_undelivered_seconds") == 0, timeout=15)
+
+
+async def test_the_example_receiver_prints_verified_events_and_refuses_forgeries(db: Database) -> None:
+    secret = new_secret()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "webhook_receiver.py"), "--port", str(port)],
+        env={**os.environ, "WEBHOOK_SECRET": secret},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(await asyncio.to_thread(proc.stdout.readline)) == {"listening": port}
+        url = f"http://127.0.0.1:{port}/hook"
+        forged = httpx2.post(
+            url,
+            content=b'{"type":"link.recovered"}',
+            headers={"webhook-id": "evt_1", "webhook-timestamp": str(int(time.time())), "webhook-signature": "v1,AAAA"},
+            timeout=5,
+        )
+        assert forged.status_code == 400
+        uid = uuid.uuid4()
+        env = broker_env(db, None, BROKER_WEBHOOK_URL=url, BROKER_WEBHOOK_SECRET=secret)
+        async with running_broker(env):
+            await emit(db, uid)
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=20)
+    finally:
+        terminate(proc)
+    event = json.loads(line)
+    assert event["webhook_id"].startswith("evt_")
+    assert (event["type"], event["data"]["user_id"], event["data"]["error"]) == (
+        "link.reauth_required",
+        str(uid),
+        "invalid_grant",
+    )
