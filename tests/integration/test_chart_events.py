@@ -35,7 +35,7 @@ def test_the_webhook_and_watchers_reach_the_broker_as_settings_it_accepts() -> N
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["webhook"] == "/etc/token-broker/webhook"
     # What the chart renders, the broker parses (the secret file stands for the mounted one).
-    env = {k: v for k, v in env.items() if not k.endswith("_FILE")}
+    env = {k: v for k, v in env.items() if k.startswith(("BROKER_EVENT_", "BROKER_WEBHOOK_")) and "_FILE" not in k}
     env["BROKER_WEBHOOK_SECRET"] = "whsec_" + "a" * 32
     settings = Settings.from_env(env)
     assert settings.events.retention == 3 * 86400
@@ -62,7 +62,10 @@ def test_the_schema_refuses_bad_event_values(bad: str) -> None:
 
 
 def test_the_mesh_policies_admit_the_watchers_too() -> None:
-    docs = helm.render(helm.MESH)
+    watchers = (
+        "spiffe://cluster.local/ns/ops/sa/notifier,dns:notifier.ops.serviceaccount.identity.linkerd.cluster.local"
+    )
+    docs = helm.render(helm.MESH, sets=(f"events.watchers={{{watchers}}}",))
     (ap,) = [d for d in by_kind(docs, "AuthorizationPolicy") if d["apiVersion"].startswith("security.istio.io")]
     assert ap["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
         "cluster.local/ns/chat/sa/chat-worker",

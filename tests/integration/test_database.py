@@ -52,14 +52,14 @@ async def test_migrate_twice_is_idempotent(databases: DatabaseFactory) -> None:
         "0008_link_events.sql",
     ]
     assert second.applied == []
-    assert second.already_applied == 4
+    assert second.already_applied == 5
     assert await _snapshot(db) == snap
 
 
 async def test_concurrent_migrations_wait_for_each_other(databases: DatabaseFactory) -> None:
     db = await databases.create("empty")
     reports = await asyncio.gather(*(migrate(db.admin_url, SERVICE_ROLE) for _ in range(4)))
-    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 4]
+    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 5]
 
 
 async def test_migrate_on_the_products_database_leaves_its_tables_alone(databases: DatabaseFactory) -> None:
@@ -199,9 +199,13 @@ async def test_functions_are_not_executable_by_public(product_db: Database) -> N
     "weaken",
     [
         "ALTER FUNCTION token_broker.get_oidc_link(uuid) SECURITY INVOKER;"
-        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) SECURITY INVOKER",
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) SECURITY INVOKER;"
+        " ALTER FUNCTION token_broker.read_oidc_link(uuid) SECURITY INVOKER;"
+        " ALTER FUNCTION token_broker.read_oidc_links(uuid[]) SECURITY INVOKER",
         "ALTER FUNCTION token_broker.get_oidc_link(uuid) OWNER TO {service};"
-        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) OWNER TO {service}",
+        " ALTER FUNCTION token_broker.get_oidc_links(uuid[]) OWNER TO {service};"
+        " ALTER FUNCTION token_broker.read_oidc_link(uuid) OWNER TO {service};"
+        " ALTER FUNCTION token_broker.read_oidc_links(uuid[]) OWNER TO {service}",
         "REVOKE SELECT ON user_links FROM token_broker_elevated",
     ],
 )

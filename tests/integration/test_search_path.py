@@ -137,6 +137,6 @@ async def test_functions_resolve_nothing_outside_pg_catalog_first(product_db: Da
     paths = {r["proname"]: r["proconfig"] for r in rows}
     expected = {name: ["search_path=pg_catalog, pg_temp"] for name in paths}
     expected["store_refreshed"] = ["search_path=pg_catalog, public, pg_temp"]
-    for read in ("get_oidc_link", "get_oidc_links"):  # plpgsql with one cached generic plan
+    for read in ("get_oidc_link", "get_oidc_links", "read_oidc_link", "read_oidc_links"):  # one generic plan
         expected[read] = [*expected[read], "plan_cache_mode=force_generic_plan"]
     assert paths == expected
