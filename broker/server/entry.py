@@ -6,6 +6,7 @@ grpc awaits on every call)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -66,6 +67,19 @@ class _Unparsable:
     """A request whose bytes are not a valid message (kept out of logs: only its size)."""
 
     size: int
+
+
+def _lenient(deserialize: Any) -> Any:
+    """The generated deserializer fails outside any handler (UNKNOWN and a traceback from grpc's core): hand the
+    failure to the handler instead, where it becomes INVALID_ARGUMENT."""
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception:
+            return _Unparsable(len(data))
+
+    return lenient
 
 
 class RpcEntry:
@@ -133,15 +147,7 @@ class RpcEntry:
         started_total = m.grpc_started.labels(*labels)
         handling_seconds = m.grpc_seconds.labels(*labels)
         handled: dict[grpc.StatusCode, Any] = {}
-        deserialize = handler.request_deserializer
-
-        def lenient(data: bytes) -> Any:
-            # The generated deserializer fails outside any handler (UNKNOWN and a traceback from grpc's core):
-            # hand the failure to the handler instead, where it becomes INVALID_ARGUMENT.
-            try:
-                return deserialize(data) if deserialize is not None else data
-            except Exception:
-                return _Unparsable(len(data))
+        lenient = _lenient(handler.request_deserializer)
 
         def finish(code: grpc.StatusCode, started: float, context: Any, record: CallRecord) -> None:
             elapsed = time.perf_counter() - started
@@ -216,13 +222,7 @@ class RpcEntry:
         inner = handler.unary_stream
         m = self._metrics
         gate = self._gate
-        deserialize = handler.request_deserializer
-
-        def lenient(data: bytes) -> Any:
-            try:
-                return deserialize(data) if deserialize is not None else data
-            except Exception:
-                return _Unparsable(len(data))
+        lenient = _lenient(handler.request_deserializer)
 
         def finish(code: grpc.StatusCode, started: float, context: Any, record: CallRecord) -> None:
             elapsed = time.perf_counter() - started
@@ -277,7 +277,8 @@ class RpcEntry:
                 if watching:
                     m.event_watchers.dec()
                 self._in_flight -= 1
-                current_call.reset(token)
+                with contextlib.suppress(ValueError):  # a generator closed from another context (at exit)
+                    current_call.reset(token)
                 finish(code, started, context, record)
 
         return grpc.unary_stream_rpc_method_handler(
