@@ -489,8 +489,10 @@ BEGIN
             WHERE e.webhook OPERATOR(pg_catalog.=) 'pending'
             ORDER BY e.user_id, e.id
         ), ready AS (
+            -- pending again here: a row delivered since `heads` was read is re-checked on its new version
             SELECT e.id FROM token_broker.link_events e JOIN heads h ON h.id OPERATOR(pg_catalog.=) e.id
-            WHERE e.next_attempt_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()
+            WHERE e.webhook OPERATOR(pg_catalog.=) 'pending'
+              AND e.next_attempt_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()
               AND (e.claimed_until IS NULL OR e.claimed_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
             ORDER BY e.id
             LIMIT p_limit
@@ -502,7 +504,7 @@ BEGIN
                 pg_catalog.make_interval(secs => p_lease),
             attempts = e.attempts OPERATOR(pg_catalog.+) 1
         FROM ready r
-        WHERE e.id OPERATOR(pg_catalog.=) r.id
+        WHERE e.id OPERATOR(pg_catalog.=) r.id AND e.webhook OPERATOR(pg_catalog.=) 'pending'
           AND (e.claimed_until IS NULL OR e.claimed_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
         RETURNING e.id, e.type, e.user_id, e.occurred_at, e.detail, e.attempts;
     END $body$;
