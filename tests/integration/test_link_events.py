@@ -320,3 +320,26 @@ async def test_no_token_or_secret_in_any_event_log_line_or_metric(
 
 def scrape(b: BrokerProcess) -> str:
     return httpx2.get(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5).text
+
+
+async def test_a_broker_killed_right_after_deciding_delivers_after_its_restart(
+    db: Database, idp: OidcTestProvider, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.stop()  # nothing can be delivered before the kill
+    uid = uuid.uuid4()
+    await db.insert_link(uid, "expired-access", f"dead-refresh-{uid}", past())
+    a = BrokerProcess(webhook_env(db, idp, receiver), tmp_path / "a.log")
+    try:
+        assert await stampede([a.target], uid, 3) == Counter({"TOKEN_STATUS_REAUTH_REQUIRED": 3})
+    finally:
+        a.kill()
+        a.stop()  # closes its log
+    assert [t for _, t, _ in await events_of(db)] == ["link.reauth_required"]  # committed with the decision
+    receiver.start()
+    restarted = BrokerProcess(webhook_env(db, idp, receiver), tmp_path / "a2.log")
+    try:
+        got = receiver.wait_for(1, timeout=30)
+        await wait_until_settled(db, 1, timeout=10)
+    finally:
+        restarted.stop()
+    assert [(e["type"], e["user_id"]) for e in got] == [("link.reauth_required", str(uid))]
