@@ -33,7 +33,7 @@ AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 class EventSettings:
     """Link events (docs/link-events.md): the webhook and the WatchLinkEvents stream."""
 
-    webhook_url: str | None = None
+    webhook_url: str | None = field(default=None, repr=False)  # its query or user info may hold a credential
     """BROKER_WEBHOOK_URL: where link events are POSTed (Standard Webhooks); https unless loopback or
     BROKER_WEBHOOK_ALLOW_HTTP. Unset: no webhook."""
     webhook_secret: Secret | None = None

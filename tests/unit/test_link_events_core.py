@@ -135,7 +135,9 @@ class TestPayload:
 
 class TestSettings:
     def test_webhook_settings(self) -> None:
-        s = Settings.from_env({"BROKER_WEBHOOK_URL": "https://hooks.example.com/x", "BROKER_WEBHOOK_SECRET": SECRET})
+        url = "https://hooks.example.com/x?token=url-credential"
+        s = Settings.from_env({"BROKER_WEBHOOK_URL": url, "BROKER_WEBHOOK_SECRET": SECRET})
+        assert "url-credential" not in repr(s)
         assert s.events.webhook_enabled
         assert s.events.retention == 7 * 86400
         assert s.events.webhook_retry_period == 86400
