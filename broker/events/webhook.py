@@ -124,7 +124,7 @@ class WebhookDelivery:
         try:
             events = await self._events.claim(self._claimer, free, self._lease, self._url_sha256)
         except StoreUnavailable as exc:
-            log.warning("webhook deliveries not claimed: %s", exc)
+            log.debug("webhook deliveries not claimed: %s", exc)  # every poll while the database is down
             return False
         for event in events:
             task = asyncio.create_task(self._deliver(event), name=f"webhook:{event.id}")

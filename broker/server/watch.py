@@ -97,7 +97,7 @@ class LinkEventWatch:
             try:
                 batch = await self._feed.read(after, BATCH)
             except StoreUnavailable as exc:
-                log.warning("link events not read: %s", exc)
+                log.debug("link events not read: %s", exc)  # every poll while the database is down
                 batch = []
             for event in batch:
                 yield pb.WatchLinkEventsResponse(event=to_proto(event))
