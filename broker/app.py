@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,9 +20,11 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from broker import __version__
-from broker.config import Settings, pool_shares
+from broker.config import Settings, pool_shares, webhook_key
 from broker.core import BackgroundSettings, CircuitSettings, Domain, RefreshSettings, ScheduleStore, build_domain
 from broker.core.interfaces import ExchangeStore, Gatekeeper, IdentityProvider, LinkStore, TokenExchanger
+from broker.errors import StoreUnavailable
+from broker.events.webhook import WebhookDelivery
 from broker.idp import OidcRefresher
 from broker.postgres import (
     Cipher,
@@ -32,6 +34,7 @@ from broker.postgres import (
     PostgresStore,
     parse_keys,
 )
+from broker.postgres.events import PostgresEvents
 from broker.protected_resource import check_protected_resources
 from broker.server import (
     SERVICE_NAME,
@@ -46,6 +49,7 @@ from broker.server import (
     listen,
     load_caller_tokens,
 )
+from broker.server.watch import LinkEventWatch
 from broker.telemetry import NULL_TRACER, OtelTracer, Tracer, sdk_provider
 from broker.telemetry.metrics import Metrics
 from broker.telemetry.procmetrics import RuntimeSnapshot
@@ -100,6 +104,7 @@ def build_service(
     *,
     exchange_store: ExchangeStore | None = None,
     policy: PolicySource | None = None,
+    watch: LinkEventWatch | None = None,
 ) -> Service:
     """Wire the domain and the servicer around a store and an IdP (None: no IdP configured). No I/O. With a
     `schedule` (and an IdP), active users' tokens are refreshed in the background. With an exchange store, requests
@@ -126,6 +131,7 @@ def build_service(
     servicer = TokenBrokerServicer(
         domain.tokens,
         settings.request_timeout,
+        watch,
         exchange=domain.exchange,
         policy=policy,
         passthrough=settings.passthrough == "allow",
@@ -188,6 +194,8 @@ class App:
         exchange_store = self.exchange_store
         if exchange_store is None and isinstance(store, PostgresStore):
             exchange_store = PostgresExchangeStore(store)
+        feed = self._start_events(store)
+        watch = LinkEventWatch(feed, self.settings.events.poll_interval, self._stopping)
         service = build_service(
             self.settings,
             store,
@@ -197,6 +205,7 @@ class App:
             schedule,
             exchange_store=exchange_store,
             policy=policy,
+            watch=watch,
         )
         self._stack.push_async_callback(service.domain.drain, self.settings.persist_retry_seconds + 1)
         if service.domain.background is not None:
@@ -240,6 +249,50 @@ class App:
         """Readiness waits for the elevated role to be safe (a role pre-created with LOGIN or members is refused)."""
         return ElevatedRoleGate(store, self.settings.db_service_role) if isinstance(store, PostgresStore) else None
 
+    def _start_events(self, store: LinkStore) -> PostgresEvents | None:
+        """The outbox's reader, and the tasks that deliver webhooks and keep the outbox (retention, backlog)."""
+        if not isinstance(store, PostgresStore):
+            return None
+        e = self.settings.events
+        events = PostgresEvents(store, self.settings.request_timeout)
+        if e.webhook_enabled:
+            assert e.webhook_url is not None
+            assert e.webhook_secret is not None
+            key = webhook_key(e.webhook_secret)
+            assert key is not None
+            delivery = WebhookDelivery(
+                events,
+                e.webhook_url,
+                key,
+                timeout=e.webhook_timeout,
+                retry_period=e.webhook_retry_period,
+                poll_interval=e.poll_interval,
+                on_result=lambda result: self.metrics.webhook_deliveries.labels(result=result).inc(),
+            )
+            self.metrics.on_link_event(delivery.wake)
+            self._background(delivery.run(), "webhook-delivery")
+        self._background(self._keep_outbox(events), "link-events-outbox")
+        return events
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._stack.push_async_callback(_cancel, task)
+
+    async def _keep_outbox(self, events: PostgresEvents) -> None:
+        """Every few seconds the webhook backlog's age (a gauge); every minute, the retention."""
+        pruned_at = 0.0
+        while True:
+            try:
+                self.metrics.webhook_backlog_age.set(await events.backlog_seconds())
+                if time.monotonic() - pruned_at >= 60:
+                    pruned_at = time.monotonic()
+                    gone = await events.prune(self.settings.events.retention)
+                    if gone:
+                        log.info("link events past the retention deleted", extra={"count": gone})
+            except StoreUnavailable as exc:
+                log.debug("link events outbox not kept this time: %s", exc)
+            await asyncio.sleep(5.0)
+
     def _peers(self) -> WorkerReadiness | None:
         s = self.settings
         if s.workers_dir is None or s.worker_index is None:
@@ -280,7 +333,9 @@ class App:
         if s.encryption_keys is not None:
             cipher = Cipher(parse_keys(s.encryption_keys.reveal()))
         # A few connections are held for valid-token reads; refreshes get theirs, and one is always left over.
-        store = PostgresStore(pool, cipher, read_connections=pool_shares(s.db_pool_max)[0])
+        store = PostgresStore(
+            pool, cipher, read_connections=pool_shares(s.db_pool_max)[0], webhooks=s.events.webhook_enabled
+        )
         self._stack.push_async_callback(store.close)  # before the pool closes: it waits for held connections
         self.metrics.bind_pool(store.pool_stats)
         if cipher is not None:
@@ -382,6 +437,7 @@ def _gatekeeper(s: Settings, on_untrusted: Callable[[], None]) -> Gatekeeper:
         allowed=s.allowed_callers,
         tokens=tokens,
         max_concurrent=s.max_concurrent_per_caller,
+        watchers=s.events.watchers,
     )
 
 

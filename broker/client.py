@@ -6,9 +6,10 @@ gRPC service config, keepalive, and one channel reused for every call.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -35,6 +36,10 @@ METHOD_CONFIG: list[dict[str, Any]] = [
         },
     }
 ]
+
+
+#: A stream that ends with these is resumed with its cursor.
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def service_config(target: str) -> str:
@@ -203,6 +208,32 @@ class TokenBrokerClient:
     ) -> dict[str, str]:
         """{"Authorization": "Bearer ..."}, or {} when there is no usable token."""
         return (await self.get_oidc_access_token(user_id, rejected=rejected, resource=resource)).bearer_headers()
+
+    async def watch_link_events(
+        self, after: str = "", *, max_backoff: float = 5.0
+    ) -> AsyncGenerator[pb.LinkEvent, None]:
+        """Every link event after the cursor `after` (the id of the last event you handled; "" for live events
+        only), then live ones, for as long as you iterate. When the stream breaks (UNAVAILABLE: a broker shutting
+        down, a network break) it reconnects by itself with the id of the last event it yielded, so nothing is
+        skipped; an event may come twice around a reconnection (ids identify them). Persist `event.id` after
+        handling an event to resume there after a restart. Raises grpc.aio.AioRpcError for OUT_OF_RANGE (the
+        cursor is past the retention: start again with "" and reconcile), PERMISSION_DENIED, INVALID_ARGUMENT."""
+        cursor = after
+        delay = 0.1
+        while True:
+            call = self._stub.WatchLinkEvents(pb.WatchLinkEventsRequest(after=cursor), metadata=self._metadata)
+            try:
+                async for response in call:
+                    cursor = response.event.id
+                    delay = 0.1
+                    yield response.event
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RESUMABLE:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
 
 
 class SyncTokenBrokerClient:

@@ -6,6 +6,8 @@ files (`*_FILE`), so they need not sit in the environment.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import os
@@ -41,6 +43,37 @@ def pool_shares(pool_max: int) -> tuple[int, int]:
     and the readiness check one for its ping."""
     reads = 2 if pool_max >= 6 else 1
     return reads, max(1, min(pool_max // 2, pool_max - reads - 1))
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """Link events (docs/link-events.md): the webhook and the WatchLinkEvents stream."""
+
+    webhook_url: str | None = field(default=None, repr=False)  # its query or user info may hold a credential
+    """BROKER_WEBHOOK_URL: where link events are POSTed (Standard Webhooks); https unless loopback or
+    BROKER_WEBHOOK_ALLOW_HTTP. Unset: no webhook."""
+    webhook_secret: Secret | None = None
+    """BROKER_WEBHOOK_SECRET or BROKER_WEBHOOK_SECRET_FILE: the signing secret, `whsec_` + base64 (24 to 64 bytes).
+    Required with BROKER_WEBHOOK_URL. Never logged."""
+    webhook_allow_http: bool = False
+    """BROKER_WEBHOOK_ALLOW_HTTP: allow a plain-http webhook URL that is not loopback (inside a mesh with mTLS)."""
+    webhook_timeout: float = 5.0
+    """BROKER_WEBHOOK_TIMEOUT: each delivery attempt's timeout (seconds); a claim lasts this plus 5 s."""
+    webhook_retry_period: float = 86400.0
+    """BROKER_WEBHOOK_RETRY_PERIOD: how long an event is retried (exponential backoff with jitter, at most 5 minutes
+    apart) before it is marked failed (seconds; default 24 hours)."""
+    retention: float = 7 * 86400.0
+    """BROKER_EVENT_RETENTION: how long events stay for WatchLinkEvents cursors (`7d`, `36h`, `90m` or seconds);
+    events a webhook has still to deliver are kept whatever their age."""
+    watchers: frozenset[str] = field(default_factory=frozenset)
+    """BROKER_EVENT_WATCHERS: identities allowed to call WatchLinkEvents (the syntax of BROKER_ALLOWED_CALLERS);
+    empty: nobody."""
+    poll_interval: float = 0.5
+    """BROKER_EVENT_POLL_INTERVAL: how often streams and webhook delivery look for new events (seconds)."""
+
+    @property
+    def webhook_enabled(self) -> bool:
+        return self.webhook_url is not None and self.webhook_secret is not None
 
 
 @dataclass(frozen=True)
@@ -168,6 +201,8 @@ class Settings:
     refresh); idle users are left alone, so their IdP sessions end by the IdP's idle policy."""
     background_jitter: float = 60.0
     """BROKER_BACKGROUND_JITTER: background refreshes run up to this many seconds earlier, per user, to spread them."""
+    events: EventSettings = field(default_factory=EventSettings)
+    """Link events: the BROKER_WEBHOOK_* and BROKER_EVENT_* settings."""
 
     @property
     def idp_configured(self) -> bool:
@@ -292,6 +327,7 @@ def _read(r: EnvReader) -> Settings:
         background_jitter=r.seconds("BROKER_BACKGROUND_JITTER", _D.background_jitter, allow_zero=True),
         worker_index=r.integer("BROKER_WORKER_INDEX", 0, 0, 1023) if r.raw("BROKER_WORKER_INDEX") else None,
         workers_dir=Path(d) if (d := r.raw("BROKER_WORKERS_DIR")) else None,
+        events=_events(r),
     )
     if not s.listen_is_loopback and not s.authenticates_callers and not s.allow_insecure:
         r.errors.append(
@@ -313,6 +349,63 @@ def _pool_max(r: EnvReader) -> int:
             "holding its row lock, and one for its in-flight marker and the readiness check)"
         )
     return size
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(r: EnvReader, name: str, default: float) -> float:
+    text = r.raw(name)
+    if text is None:
+        return default
+    m = _DURATION.fullmatch(text.strip().lower())
+    if m is None or float(m.group(1)) <= 0:
+        r.errors.append(f"{name}: must be a duration such as 7d, 36h, 90m or a number of seconds, not {text!r}")
+        return default
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def _events(r: EnvReader) -> EventSettings:
+    d = EventSettings()
+    url = r.raw("BROKER_WEBHOOK_URL")
+    secret = r.secret("BROKER_WEBHOOK_SECRET")
+    allow_http = r.boolean("BROKER_WEBHOOK_ALLOW_HTTP", d.webhook_allow_http)
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            r.errors.append("BROKER_WEBHOOK_URL: must be an https URL")
+        elif parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
+            r.errors.append(
+                "BROKER_WEBHOOK_URL: must be https (plain http only on loopback or with BROKER_WEBHOOK_ALLOW_HTTP)"
+            )
+        if secret is None:
+            r.errors.append("BROKER_WEBHOOK_SECRET or BROKER_WEBHOOK_SECRET_FILE: required with BROKER_WEBHOOK_URL")
+    if secret is not None and webhook_key(secret) is None:
+        r.errors.append("BROKER_WEBHOOK_SECRET: must be whsec_ followed by base64 of 24 to 64 bytes")
+    return EventSettings(
+        webhook_url=url,
+        webhook_secret=secret,
+        webhook_allow_http=allow_http,
+        webhook_timeout=r.seconds("BROKER_WEBHOOK_TIMEOUT", d.webhook_timeout),
+        webhook_retry_period=r.seconds("BROKER_WEBHOOK_RETRY_PERIOD", d.webhook_retry_period),
+        retention=_duration(r, "BROKER_EVENT_RETENTION", d.retention),
+        watchers=r.callers("BROKER_EVENT_WATCHERS"),
+        poll_interval=r.seconds("BROKER_EVENT_POLL_INTERVAL", d.poll_interval),
+    )
+
+
+def webhook_key(secret: Secret) -> bytes | None:
+    """The HMAC key of a Standard Webhooks secret (`whsec_` + base64), or None when it is not one."""
+    text = secret.reveal()
+    if not text.startswith("whsec_"):
+        return None
+    try:
+        encoded = text.removeprefix("whsec_")
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return key if 24 <= len(key) <= 64 else None
 
 
 def _workers(r: EnvReader) -> int:

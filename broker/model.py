@@ -73,6 +73,18 @@ class Link:
     forced_seconds_ago: float | None = None  # the last refresh forced by an upstream's rejection; under the lock
     access_rejected: bool = False  # an upstream rejected this very access token (remembered in the database until
     # the link holds another one): it is never served
+    reauth_fingerprint: bytes | None = None  # the link is recorded as needing a new login, for the tokens with this
+    # fingerprint (see `fingerprint`); while they are still the link's, nothing is sent to the IdP
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 over the SHA-256s of the access and refresh tokens: what the recorded re-auth-required state
+        names the link's tokens by (a new login changes it). Never reversible to a token."""
+        return hashlib.sha256(self.access_token.sha256() + self.refresh_token.sha256()).digest()
+
+    @property
+    def known_dead(self) -> bool:
+        """Recorded as needing a new login, and its tokens are still those it was recorded for."""
+        return self.reauth_fingerprint is not None and self.reauth_fingerprint == self.fingerprint()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,26 @@ class RefreshedTokens:
     access_token: Secret
     refresh_token: Secret
     expiry: datetime | None
+
+
+#: The link events (issue 25): one per change of a link's recorded state.
+REAUTH_REQUIRED = "link.reauth_required"
+RECOVERED = "link.recovered"
+EVENT_TYPES = (REAUTH_REQUIRED, RECOVERED)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
+    """One link event as written to the outbox. Never a token, a token hash or a client secret."""
+
+    id: int
+    type: str  # REAUTH_REQUIRED or RECOVERED
+    user_id: UUID
+    occurred_at: datetime
+    error: str = ""  # link.reauth_required: the IdP's error code (invalid_grant), or no_refresh_token
+    forced: bool = False  # link.reauth_required: it came from a refresh forced by an upstream's rejection
+    recovered_by: str = ""  # link.recovered: login (new tokens seen) or refresh (a refresh succeeded)
+    attempts: int = 0  # webhook delivery attempts so far, this one included
 
 
 def utcnow() -> datetime:

@@ -41,6 +41,15 @@ class LockedLink(Protocol):
     async def note_written(self, note: Note) -> None:
         """Record, in the locked transaction, the refresh token being written (its SHA-256) and its next background
         refresh, so that no replica takes this broker's own rotation for a foreign one."""
+
+    async def note_reauth_required(self, error: str, *, forced: bool) -> bool:
+        """Record, in the locked transaction, that the link needs a new login (the IdP answered `error` for its
+        current refresh token), with its link.reauth_required event. False when that was recorded already."""
+        ...
+
+    async def note_recovered(self, fingerprint: bytes, how: str) -> bool:
+        """Lift, in the locked transaction, the re-auth-required state recorded for `fingerprint`, with its
+        link.recovered event. False when another did."""
         ...
 
 
@@ -73,6 +82,13 @@ class LinkStore(Protocol):
     async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
         """Remember, for every worker and replica, that an upstream rejected the user's access token with this
         SHA-256: reads then mark the link `access_rejected` for as long as it holds that token."""
+
+    async def note_reauth_required(self, link: Link, error: str, *, forced: bool, timeout: float) -> bool:
+        """Record, on its own, that `link` (as read) needs a new login, with its event; False when recorded already."""
+        ...
+
+    async def note_recovered(self, user_id: UUID, fingerprint: bytes, how: str, *, timeout: float) -> bool:
+        """Lift the re-auth-required state recorded for `fingerprint`, with its event; False when another did."""
         ...
 
 
@@ -140,6 +156,10 @@ class RefreshObserver(Protocol):
 
     def forced_refresh(self, result: str) -> None: ...
 
+    def link_event(self, event_type: str) -> None:
+        """A link event was written (committed with the state it records)."""
+        ...
+
 
 class ExchangeObserver(Protocol):
     """What the exchange reports for metrics; a no-op implementation is fine."""
@@ -176,10 +196,17 @@ class NullObserver:
     def exchange_cache_hit(self) -> None:
         pass
 
+    def link_event(self, event_type: str) -> None:
+        pass
+
 
 class Gatekeeper(Protocol):
     """Decides whether a caller may call the token service (implemented in broker.auth)."""
 
     async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
         """Return (caller identity, release callback), or raise broker.calls.Rejected."""
+        ...
+
+    async def admit_watcher(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> str:
+        """The identity of a caller allowed to watch link events, or raise Rejected."""
         ...

@@ -12,10 +12,11 @@ from broker.core.interfaces import LinkStore, NullObserver, RefreshObserver
 from broker.core.policy import Decision, decide, is_expired
 from broker.core.refresh import Refresher, RefreshSettings
 from broker.core.refresh.background import Activity
+from broker.core.refresh.outcomes import fallback
 from broker.core.refresh.rejections import RejectedAccessTokens
 from broker.core.refresh.writeback import WriteBack
 from broker.errors import IdpNotConfigured, StoreUnavailable
-from broker.model import AccountState, Link, TokenResult, TokenStatus, utcnow
+from broker.model import REAUTH_REQUIRED, RECOVERED, AccountState, Link, TokenResult, TokenStatus, utcnow
 from broker.telemetry.logs import UserLog
 from broker.telemetry.tracing import NULL_TRACER, Tracer
 
@@ -102,6 +103,11 @@ class TokenService:
         if self._activity is not None:
             self._activity.seen(link)
         pending = self._writeback.reconcile(link)
+        if pending is None and link.reauth_fingerprint is not None:
+            if link.known_dead:
+                return self._known_dead(link, rejected)
+            # The tokens are no longer those recorded as dead: a new login.
+            await self._recovered(link, deadline - time.monotonic())
         if rejected is not None:
             current = pending.tokens.access_token if pending is not None else link.access_token
             if current and current.sha256() == rejected:
@@ -121,6 +127,8 @@ class TokenService:
         if decision is Decision.SERVE:
             return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
         if decision is Decision.EXPIRED:
+            if not link.refresh_token and not isinstance(self._refresher.refusal(), IdpNotConfigured):
+                await self._note_dead(link, "no_refresh_token", forced=False, budget=deadline - time.monotonic())
             return TokenResult.empty(TokenStatus.EXPIRED)
         if decision is Decision.SERVE_AND_REFRESH_AHEAD:
             self._refresher.refresh_ahead(link)
@@ -137,7 +145,41 @@ class TokenService:
             await self._rejections.remember(link.user_id, rejected, timeout=deadline - time.monotonic())
         if not link.refresh_token or isinstance(self._refresher.refusal(), IdpNotConfigured):
             self._observer.forced_refresh("not_renewable")
+            if not link.refresh_token and not isinstance(self._refresher.refusal(), IdpNotConfigured):
+                await self._note_dead(link, "no_refresh_token", forced=True, budget=deadline - time.monotonic())
             return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)
         result = await self._refresher.refresh(link, deadline, rejected=rejected)
         self._lifetimes.note(link.user_id, result, self._clock())
         return result
+
+    def _known_dead(self, link: Link, rejected: bytes | None) -> TokenResult:
+        """The link is recorded as needing a new login and still has the same tokens: answer without the IdP.
+        A token that has not expired is still served; an upstream's rejection of it is final."""
+        now = self._clock()
+        decision = decide(link, now, self._leeway, self._ahead, self._lifetimes.get(link.user_id))
+        if decision is Decision.EXPIRED:
+            return TokenResult.empty(TokenStatus.EXPIRED)
+        if link.access_rejected or (rejected is not None and link.access_token.sha256() == rejected):
+            return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)  # never a token an upstream rejected
+        if decision in (Decision.SERVE, Decision.SERVE_AND_REFRESH_AHEAD):
+            return TokenResult(TokenStatus.VALID, link.access_token, link.expiry)
+        return fallback(link, TokenStatus.REAUTH_REQUIRED, now)
+
+    async def _note_dead(self, link: Link, error: str, *, forced: bool, budget: float) -> None:
+        """Record that the link needs a new login (once, whoever comes first); a database failure leaves it to the
+        next request."""
+        try:
+            if await self._store.note_reauth_required(link, error, forced=forced, timeout=max(budget, 0.1)):
+                self._observer.link_event(REAUTH_REQUIRED)
+                UserLog(log, link.user_id).info("link needs a new login (%s)", error)
+        except StoreUnavailable as exc:
+            UserLog(log, link.user_id).warning("re-auth-required state not recorded: %s", exc)
+
+    async def _recovered(self, link: Link, budget: float) -> None:
+        assert link.reauth_fingerprint is not None
+        try:
+            if await self._store.note_recovered(link.user_id, link.reauth_fingerprint, "login", timeout=budget):
+                self._observer.link_event(RECOVERED)
+                UserLog(log, link.user_id).info("link recovered (new login)")
+        except StoreUnavailable as exc:
+            UserLog(log, link.user_id).warning("recovery not recorded: %s", exc)

@@ -47,6 +47,7 @@ class Codec:
             marker_idle_seconds=idle if marker_sha is not None and marker_sha == Secret(refresh).sha256() else None,
             forced_seconds_ago=row.get("forced_seconds_ago", None),
             access_rejected=_rejected(row, access),
+            reauth_fingerprint=row.get("reauth_fingerprint", None),
         )
 
     def _open(self, row: asyncpg.Record) -> tuple[str, str, str | None]:

@@ -33,9 +33,13 @@ from broker.telemetry.logs import UserLog
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
 
-GET_LINK = "SELECT * FROM token_broker.read_oidc_link($1)"  # since 0005; get_oidc_link for older replicas
+# The reads carry the rejected access token (0005) and the recorded re-auth-required state (0008); the lock carries
+# the state. get_oidc_link(s) and lock_oidc_link stay for the previous release during a rolling upgrade.
+GET_LINK = "SELECT * FROM token_broker.read_oidc_link($1)"
 GET_LINKS = "SELECT * FROM token_broker.read_oidc_links($1)"
-LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link($1)"
+LOCK_LINK = "SELECT * FROM token_broker.lock_oidc_link_state($1)"
+NOTE_REAUTH = "SELECT token_broker.note_reauth_required($1, $2, $3, $4, $5)"
+NOTE_RECOVERED = "SELECT token_broker.note_link_recovered($1, $2, $3, $4)"
 STORE_REFRESHED = "SELECT token_broker.store_refreshed($1, $2, $3, $4, $5, $6, $7, $8)"
 BEGIN_REFRESH = "SELECT token_broker.begin_refresh($1, $2)"
 DBCRYPT_KEYS = "SELECT * FROM token_broker.get_dbcrypt_keys()"
@@ -135,6 +139,23 @@ class _Locked:
             self.broken = not isinstance(exc, asyncpg.PostgresError)
             raise _translate(exc, "recording the written refresh token") from None
 
+    async def note_reauth_required(self, error: str, *, forced: bool) -> bool:
+        assert self.link is not None
+        args = (self._user_id, self.link.fingerprint(), error, forced, self._store.webhooks)
+        return await self._fetch_in_tx(NOTE_REAUTH, args, "recording that the link needs a new login") is not None
+
+    async def note_recovered(self, fingerprint: bytes, how: str) -> bool:
+        args = (self._user_id, fingerprint, how, self._store.webhooks)
+        return await self._fetch_in_tx(NOTE_RECOVERED, args, "recording that the link recovered") is not None
+
+    async def _fetch_in_tx(self, sql: str, args: tuple[object, ...], what: str) -> object:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._conn.fetchval(sql, *args)
+        except _DB_ERRORS as exc:
+            self.broken = not isinstance(exc, asyncpg.PostgresError)
+            raise _translate(exc, what) from None
+
     async def save(self, tokens: RefreshedTokens) -> bool:
         assert self.link is not None
         args = self._codec.store_args(self._user_id, self.link, tokens)
@@ -150,8 +171,11 @@ class PostgresStore:
     """LinkStore on an asyncpg pool. Reads of links run on a few connections held from the pool (broker.reads:
     one statement per read, batched only when every read connection is busy, never older than the request)."""
 
-    def __init__(self, pool: asyncpg.Pool, cipher: Cipher | None = None, *, read_connections: int = 2) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, cipher: Cipher | None = None, *, read_connections: int = 2, webhooks: bool = False
+    ) -> None:
         self._pool = pool
+        self.webhooks = webhooks  # events are written pending for the webhook (one is configured)
         self.codec = Codec(cipher)
         self._reads: ReadLanes[PoolConnection, UUID, asyncpg.Record] = ReadLanes(
             self, _fetch_links, _reusable, lanes=read_connections
@@ -365,6 +389,20 @@ class PostgresStore:
             lambda c: c.execute(REJECT_ACCESS, user_id, access_sha256),
             idempotent=True,
         )
+
+    async def note_reauth_required(self, link: Link, error: str, *, forced: bool, timeout: float) -> bool:
+        args = (link.user_id, link.fingerprint(), error, forced, self.webhooks)
+        found = await self.run(
+            timeout, "recording that the link needs a new login", lambda c: c.fetchval(NOTE_REAUTH, *args)
+        )
+        return found is not None
+
+    async def note_recovered(self, user_id: UUID, fingerprint: bytes, how: str, *, timeout: float) -> bool:
+        args = (user_id, fingerprint, how, self.webhooks)
+        found = await self.run(
+            timeout, "recording that the link recovered", lambda c: c.fetchval(NOTE_RECOVERED, *args)
+        )
+        return found is not None
 
     async def ping(self, *, timeout: float) -> bool:
         try:

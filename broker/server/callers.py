@@ -102,8 +102,10 @@ class CallerGate:
         tokens: CallerTokens | None,
         max_concurrent: int,
         mesh: MeshIdentity | None = None,
+        watchers: frozenset[str] = frozenset(),
     ) -> None:
         self._mesh = mesh
+        self._watchers = watchers
         self._require = require_identity
         self._allowed = allowed
         self._tokens = tokens
@@ -111,21 +113,8 @@ class CallerGate:
         self._inflight: Counter[str] = Counter()
 
     async def admit(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> tuple[str | None, Callable[[], None]]:
-        identities = certificate_identities(context)
-        if self._mesh is not None:
-            identities += self._mesh.identities(context.peer(), metadata)
-        bearer = next((str(v) for k, v in metadata if k == "authorization"), None)
-        if bearer is not None and self._tokens is not None:
-            scheme, _, value = bearer.partition(" ")
-            name = self._tokens.identify(value.strip()) if scheme.lower() == "bearer" else None
-            if name is None:
-                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
-            identities.append(f"token:{name}")
+        identities = self._identities(context, metadata)
         record_identities(identities)
-        if not identities and self._require:
-            raise Rejected(
-                grpc.StatusCode.UNAUTHENTICATED, "caller identity required: a client certificate or a caller token"
-            )
         caller = self._pick(identities)
         if self._allowed and caller is None:
             raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "caller is not allowed to request tokens")
@@ -141,6 +130,33 @@ class CallerGate:
                 del self._inflight[key]
 
         return key if identities else None, release
+
+    async def admit_watcher(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> str:
+        """A WatchLinkEvents caller: one of BROKER_EVENT_WATCHERS (empty: nobody). No concurrency limit: a stream
+        stays open for as long as its watcher runs."""
+        identities = self._identities(context, metadata)
+        for identity in identities:
+            if identity in self._watchers:
+                return identity
+        raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "caller is not allowed to watch link events")
+
+    def _identities(self, context: Any, metadata: Sequence[tuple[str, Any]]) -> list[str]:
+        """Every identity the call proves; UNAUTHENTICATED for a bad caller token, or none where one is required."""
+        identities = certificate_identities(context)
+        if self._mesh is not None:
+            identities += self._mesh.identities(context.peer(), metadata)
+        bearer = next((str(v) for k, v in metadata if k == "authorization"), None)
+        if bearer is not None and self._tokens is not None:
+            scheme, _, value = bearer.partition(" ")
+            name = self._tokens.identify(value.strip()) if scheme.lower() == "bearer" else None
+            if name is None:
+                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "invalid caller token")
+            identities.append(f"token:{name}")
+        if not identities and self._require:
+            raise Rejected(
+                grpc.StatusCode.UNAUTHENTICATED, "caller identity required: a client certificate or a caller token"
+            )
+        return identities
 
     def _pick(self, identities: list[str]) -> str | None:
         """The first identity the allowlist names; with no allowlist, the first identity at all."""

@@ -6,8 +6,10 @@ grpc awaits on every call)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ class CallRecord:
     reported: bool = False  # the request reported a rejected access token
     identities: tuple[str, ...] = ()  # every identity the caller authenticated with (the resource policy's input)
     resource: str | None = None  # the resource the request named (a URI, never a token)
+    events: int = 0  # WatchLinkEvents: events sent
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("current_call", default=None)
@@ -88,6 +91,19 @@ class _Unparsable:
     size: int
 
 
+def _lenient(deserialize: Any) -> Any:
+    """The generated deserializer fails outside any handler (UNKNOWN and a traceback from grpc's core): hand the
+    failure to the handler instead, where it becomes INVALID_ARGUMENT."""
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception:
+            return _Unparsable(len(data))
+
+    return lenient
+
+
 class RpcEntry:
     """Where every RPC enters: admits the caller (protected service only), counts it, writes its access or audit
     line, and maps an unexpected exception to INTERNAL with a generic message. Each method's handler is wrapped
@@ -120,12 +136,13 @@ class RpcEntry:
     def handler(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any] | None
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """The wrapped handler of `method` (streaming handlers as they are)."""
-        if handler is None or handler.unary_unary is None:
+        """The wrapped handler of `method` (unary and server-streaming; other streaming handlers as they are)."""
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
+            wrap = self._wrap if handler.unary_unary is not None else self._wrap_stream
+            wrapped = self._wrapped[method] = wrap(method, handler)
         return wrapped
 
     def start_draining(self) -> None:
@@ -152,15 +169,7 @@ class RpcEntry:
         started_total = m.grpc_started.labels(*labels)
         handling_seconds = m.grpc_seconds.labels(*labels)
         handled: dict[grpc.StatusCode, Any] = {}
-        deserialize = handler.request_deserializer
-
-        def lenient(data: bytes) -> Any:
-            # The generated deserializer fails outside any handler (UNKNOWN and a traceback from grpc's core):
-            # hand the failure to the handler instead, where it becomes INVALID_ARGUMENT.
-            try:
-                return deserialize(data) if deserialize is not None else data
-            except Exception:
-                return _Unparsable(len(data))
+        lenient = _lenient(handler.request_deserializer)
 
         def finish(code: grpc.StatusCode, started: float, context: Any, record: CallRecord) -> None:
             elapsed = time.perf_counter() - started
@@ -219,6 +228,82 @@ class RpcEntry:
                     finish(code, started, context, record)
 
         return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=lenient,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_stream(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """A server-streaming method (WatchLinkEvents): admitted by the watchers' allowlist, not counted against
+        the per-caller limit, under no request timeout; refused while draining; one audit line when it ends."""
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        protected = service == self._protected
+        labels = ("server_stream", service, method)
+        inner = handler.unary_stream
+        m = self._metrics
+        gate = self._gate
+        lenient = _lenient(handler.request_deserializer)
+
+        def finish(code: grpc.StatusCode, started: float, context: Any, record: CallRecord) -> None:
+            elapsed = time.perf_counter() - started
+            m.grpc_handled.labels(*labels, code.name).inc()
+            m.grpc_seconds.labels(*labels).observe(elapsed)
+            fields: dict[str, Any] = {
+                "method": full_method,
+                "grpc_code": code.name,
+                "duration_ms": round(elapsed * 1000, 3),
+                "peer": context.peer(),
+                "caller": record.caller,
+                "events": record.events,
+                "audit": True,
+            }
+            if self._worker is not None:
+                fields["worker"] = self._worker
+            info_line(audit_log, "link events watch", fields)
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            record = CallRecord()
+            token = current_call.set(record)
+            m.grpc_started.labels(*labels).inc()
+            self._in_flight += 1
+            code = grpc.StatusCode.OK
+            watching = False
+            try:
+                if self._draining:
+                    raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry")
+                if protected:
+                    record.caller = await gate.admit_watcher(context, context.invocation_metadata() or ())
+                if isinstance(request, _Unparsable):
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "request body is not a valid protobuf message")
+                m.event_watchers.inc()
+                watching = True
+                async for response in inner(request, context):
+                    yield response
+            except Rejected as rejected:
+                code = rejected.code
+                await context.abort(rejected.code, rejected.message)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", full_method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                if watching:
+                    m.event_watchers.dec()
+                self._in_flight -= 1
+                with contextlib.suppress(ValueError):  # a generator closed from another context (at exit)
+                    current_call.reset(token)
+                finish(code, started, context, record)
+
+        return grpc.unary_stream_rpc_method_handler(
             observed,
             request_deserializer=lenient,
             response_serializer=handler.response_serializer,

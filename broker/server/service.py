@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Protocol
 from uuid import UUID
@@ -16,6 +16,7 @@ from broker.core.resources import ResourcePolicy, normalise_resource
 from broker.core.tokens import TokenService
 from broker.model import TokenResult, TokenStatus, parse_sha256_hex
 from broker.server.entry import Rejected, call_identities, record_resource, record_result
+from broker.server.watch import LinkEventWatch
 from broker.v1 import token_broker_pb2 as pb
 from broker.v1 import token_broker_pb2_grpc as pb_grpc
 
@@ -77,6 +78,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
         self,
         tokens: TokenService,
         request_timeout: float,
+        watch: LinkEventWatch | None = None,
         *,
         exchange: ExchangeService | None = None,
         policy: PolicySource | None = None,
@@ -85,10 +87,18 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServicer):
     ) -> None:
         self._tokens = tokens
         self._request_timeout = request_timeout
+        self._watch = watch
         self._exchange = exchange
         self._policy = policy or ResourcePolicy()
         self._passthrough = passthrough
         self._on_denied = on_denied or (lambda reason: None)
+
+    def WatchLinkEvents(  # noqa: N802 - the name is the RPC's
+        self, request: pb.WatchLinkEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchLinkEventsResponse]:
+        if self._watch is None:
+            raise Rejected(grpc.StatusCode.UNIMPLEMENTED, "link events are not served here")
+        return self._watch.watch(request, context)
 
     async def GetOIDCAccessToken(  # noqa: N802 - the name is the RPC's
         self, request: pb.GetOIDCAccessTokenRequest, context: grpc.aio.ServicerContext

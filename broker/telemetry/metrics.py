@@ -24,7 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from broker import __version__
 from broker.errors import ConfigError
-from broker.model import TokenStatus
+from broker.model import EVENT_TYPES, TokenStatus
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REMAINING_BUCKETS = (0, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400)
@@ -33,6 +33,8 @@ REFRESH_RESULTS = ("success", "invalid_grant", "rejected", "idp_unavailable", "o
 #: refreshed: a new token; replaced: the stored token was already another one (no IdP call); loop_guard: a
 #: rejection of the token a forced refresh just produced; not_renewable: no refresh token or no IdP; failed: the
 #: refresh failed ("" with the usual status).
+WEBHOOK_RESULTS = ("delivered", "retry", "failed", "gone")
+
 FORCED_RESULTS = ("refreshed", "replaced", "loop_guard", "not_renewable", "failed")
 #: Token exchanges sent to the IdP (RFC 8693), by result: success; denied (invalid_target, access_denied ...);
 #: subject_rejected (the login token refused: refreshed once and retried); idp_unavailable; error.
@@ -169,6 +171,37 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        # Link events (issue 25).
+        self.link_events = Counter(
+            "token_broker_link_events",
+            "Link events written (one per state change of a link), by type.",
+            ["type"],
+            registry=registry,
+        )
+        for event_type in EVENT_TYPES:
+            self.link_events.labels(type=event_type)
+        self.webhook_deliveries = Counter(
+            "token_broker_webhook_deliveries",
+            "Webhook delivery attempts, by result: delivered (2xx), retry (failed, retried later), failed (the retry "
+            "period is over), gone (410: the endpoint is stopped).",
+            ["result"],
+            registry=registry,
+        )
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result=result)
+        self.webhook_backlog_age = Gauge(
+            "token_broker_webhook_oldest_undelivered_seconds",
+            "Age of the oldest link event still waiting for its webhook delivery (0: none; the largest a worker saw).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.event_watchers = Gauge(
+            "token_broker_event_watchers",
+            "WatchLinkEvents streams open.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._event_listeners: list[Callable[[str], None]] = []
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.grpc_started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
         self.grpc_handled = Counter(
@@ -233,6 +266,15 @@ class Metrics:
 
     def resource_denied(self, reason: str) -> None:
         self.resource_denials.labels(reason=reason).inc()
+
+    def link_event(self, event_type: str) -> None:
+        self.link_events.labels(type=event_type).inc()
+        for listener in self._event_listeners:
+            listener(event_type)
+
+    def on_link_event(self, listener: Callable[[str], None]) -> None:
+        """Also tell `listener` of every link event this process writes (the webhook delivery wakes up)."""
+        self._event_listeners.append(listener)
 
 
 def serve_metrics(listen: str, registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62roker/v1/token_broker.proto\x12\tbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\x19GetOIDCAccessTokenRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x15rejected_token_sha256\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\"\x8a\x01\n\x1aGetOIDCAccessTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.broker.v1.TokenStatus*\xc0\x02\n\x0bTokenStatus\x12\x1c\n\x18TOKEN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_STATUS_VALID\x10\x01\x12\x1a\n\x16TOKEN_STATUS_REFRESHED\x10\x02\x12\x18\n\x14TOKEN_STATUS_NO_LINK\x10\x03\x12\x18\n\x14TOKEN_STATUS_EXPIRED\x10\x04\x12 \n\x1cTOKEN_STATUS_REAUTH_REQUIRED\x10\x05\x12 \n\x1cTOKEN_STATUS_IDP_UNAVAILABLE\x10\x06\x12\"\n\x1eTOKEN_STATUS_STORE_UNAVAILABLE\x10\x07\x12!\n\x1dTOKEN_STATUS_ACCOUNT_DISABLED\x10\x08\x12 \n\x1cTOKEN_STATUS_EXCHANGE_DENIED\x10\t2p\n\x0bTokenBroker\x12\x61\n\x12GetOIDCAccessToken\x12$.broker.v1.GetOIDCAccessTokenRequest\x1a%.broker.v1.GetOIDCAccessTokenResponseBDZBgithub.com/token-broker/token-broker/clients/go/broker/v1;brokerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62roker/v1/token_broker.proto\x12\tbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x16WatchLinkEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\">\n\x17WatchLinkEventsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.broker.v1.LinkEvent\"\x9c\x01\n\tLinkEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06\x66orced\x18\x06 \x01(\x08\x12\x14\n\x0crecovered_by\x18\x07 \x01(\t\"]\n\x19GetOIDCAccessTokenRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x15rejected_token_sha256\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\"\x8a\x01\n\x1aGetOIDCAccessTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.broker.v1.TokenStatus*\xc0\x02\n\x0bTokenStatus\x12\x1c\n\x18TOKEN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_STATUS_VALID\x10\x01\x12\x1a\n\x16TOKEN_STATUS_REFRESHED\x10\x02\x12\x18\n\x14TOKEN_STATUS_NO_LINK\x10\x03\x12\x18\n\x14TOKEN_STATUS_EXPIRED\x10\x04\x12 \n\x1cTOKEN_STATUS_REAUTH_REQUIRED\x10\x05\x12 \n\x1cTOKEN_STATUS_IDP_UNAVAILABLE\x10\x06\x12\"\n\x1eTOKEN_STATUS_STORE_UNAVAILABLE\x10\x07\x12!\n\x1dTOKEN_STATUS_ACCOUNT_DISABLED\x10\x08\x12 \n\x1cTOKEN_STATUS_EXCHANGE_DENIED\x10\t2\xcc\x01\n\x0bTokenBroker\x12\x61\n\x12GetOIDCAccessToken\x12$.broker.v1.GetOIDCAccessTokenRequest\x1a%.broker.v1.GetOIDCAccessTokenResponse\x12Z\n\x0fWatchLinkEvents\x12!.broker.v1.WatchLinkEventsRequest\x1a\".broker.v1.WatchLinkEventsResponse0\x01\x42\x44ZBgithub.com/token-broker/token-broker/clients/go/broker/v1;brokerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.token_broker_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZBgithub.com/token-broker/token-broker/clients/go/broker/v1;brokerv1'
-  _globals['_TOKENSTATUS']._serialized_start=313
-  _globals['_TOKENSTATUS']._serialized_end=633
-  _globals['_GETOIDCACCESSTOKENREQUEST']._serialized_start=76
-  _globals['_GETOIDCACCESSTOKENREQUEST']._serialized_end=169
-  _globals['_GETOIDCACCESSTOKENRESPONSE']._serialized_start=172
-  _globals['_GETOIDCACCESSTOKENRESPONSE']._serialized_end=310
-  _globals['_TOKENBROKER']._serialized_start=635
-  _globals['_TOKENBROKER']._serialized_end=747
+  _globals['_TOKENSTATUS']._serialized_start=577
+  _globals['_TOKENSTATUS']._serialized_end=897
+  _globals['_WATCHLINKEVENTSREQUEST']._serialized_start=76
+  _globals['_WATCHLINKEVENTSREQUEST']._serialized_end=115
+  _globals['_WATCHLINKEVENTSRESPONSE']._serialized_start=117
+  _globals['_WATCHLINKEVENTSRESPONSE']._serialized_end=179
+  _globals['_LINKEVENT']._serialized_start=182
+  _globals['_LINKEVENT']._serialized_end=338
+  _globals['_GETOIDCACCESSTOKENREQUEST']._serialized_start=340
+  _globals['_GETOIDCACCESSTOKENREQUEST']._serialized_end=433
+  _globals['_GETOIDCACCESSTOKENRESPONSE']._serialized_start=436
+  _globals['_GETOIDCACCESSTOKENRESPONSE']._serialized_end=574
+  _globals['_TOKENBROKER']._serialized_start=900
+  _globals['_TOKENBROKER']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

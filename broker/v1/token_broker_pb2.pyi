@@ -32,6 +32,36 @@ TOKEN_STATUS_STORE_UNAVAILABLE: TokenStatus
 TOKEN_STATUS_ACCOUNT_DISABLED: TokenStatus
 TOKEN_STATUS_EXCHANGE_DENIED: TokenStatus
 
+class WatchLinkEventsRequest(_message.Message):
+    __slots__ = ("after",)
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    after: str
+    def __init__(self, after: _Optional[str] = ...) -> None: ...
+
+class WatchLinkEventsResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: LinkEvent
+    def __init__(self, event: _Optional[_Union[LinkEvent, _Mapping]] = ...) -> None: ...
+
+class LinkEvent(_message.Message):
+    __slots__ = ("id", "type", "occurred_at", "user_id", "error", "forced", "recovered_by")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_BY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    type: str
+    occurred_at: _timestamp_pb2.Timestamp
+    user_id: str
+    error: str
+    forced: bool
+    recovered_by: str
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., error: _Optional[str] = ..., forced: _Optional[bool] = ..., recovered_by: _Optional[str] = ...) -> None: ...
+
 class GetOIDCAccessTokenRequest(_message.Message):
     __slots__ = ("user_id", "rejected_token_sha256", "resource")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -43,6 +43,11 @@ class TokenBrokerStub:
                 request_serializer=broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenResponse.FromString,
                 _registered_method=True)
+        self.WatchLinkEvents = channel.unary_stream(
+                '/broker.v1.TokenBroker/WatchLinkEvents',
+                request_serializer=broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TokenBrokerServicer:
@@ -65,6 +70,21 @@ class TokenBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLinkEvents(self, request, context):
+        """WatchLinkEvents streams link events (a user must log in again; a link recovered): first every event after the
+        cursor `after` still within the retention (BROKER_EVENT_RETENTION), then live ones, each exactly in the order
+        they were written. Resume after a disconnect with the id of the last event received: nothing is skipped, and
+        at most the events around the reconnection are seen twice (deliveries are at least once; ids identify them).
+
+        Allowed to the identities in BROKER_EVENT_WATCHERS only (PERMISSION_DENIED otherwise; empty allows nobody).
+        A cursor older than the retention fails with OUT_OF_RANGE (start again with an empty cursor, and reconcile),
+        a malformed one with INVALID_ARGUMENT. When the broker shuts down the stream ends with UNAVAILABLE: reconnect
+        with the cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -72,6 +92,11 @@ def add_TokenBrokerServicer_to_server(servicer, server):
                     servicer.GetOIDCAccessToken,
                     request_deserializer=broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenRequest.FromString,
                     response_serializer=broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenResponse.SerializeToString,
+            ),
+            'WatchLinkEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLinkEvents,
+                    request_deserializer=broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,6 +130,33 @@ class TokenBroker:
             '/broker.v1.TokenBroker/GetOIDCAccessToken',
             broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenRequest.SerializeToString,
             broker_dot_v1_dot_token__broker__pb2.GetOIDCAccessTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLinkEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.TokenBroker/WatchLinkEvents',
+            broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsRequest.SerializeToString,
+            broker_dot_v1_dot_token__broker__pb2.WatchLinkEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -218,6 +218,7 @@ class LockWaitsFor:
         self.get_link, self.save_refreshed = inner.get_link, inner.save_refreshed
         self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
         self.remember_rejected = inner.remember_rejected
+        self.note_reauth_required, self.note_recovered = inner.note_reauth_required, inner.note_recovered
 
     @asynccontextmanager
     async def lock_link(self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[Any]:

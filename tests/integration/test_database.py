@@ -52,16 +52,17 @@ async def test_migrate_twice_is_idempotent(databases: DatabaseFactory) -> None:
         "0005_rejected_access.sql",
         "0006_refresh_schedule.sql",
         "0007_exchanged_tokens.sql",
+        "0008_link_events.sql",
     ]
     assert second.applied == []
-    assert second.already_applied == 7
+    assert second.already_applied == 8
     assert await _snapshot(db) == snap
 
 
 async def test_concurrent_migrations_wait_for_each_other(databases: DatabaseFactory) -> None:
     db = await databases.create("empty")
     reports = await asyncio.gather(*(migrate(db.admin_url, SERVICE_ROLE) for _ in range(4)))
-    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 7]
+    assert sorted(len(r.applied) for r in reports) == [0, 0, 0, 8]
 
 
 async def test_migrate_on_the_products_database_leaves_its_tables_alone(databases: DatabaseFactory) -> None:

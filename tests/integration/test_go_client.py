@@ -4,6 +4,8 @@ upstream that checks the Authorization header."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -13,8 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from tests.support.broker import broker_env, running_broker
+import asyncpg
+
+from tests.support.broker import BrokerProcess, broker_env, running_broker
 from tests.support.golang import ROOT, client_dir, run_go
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
@@ -87,15 +92,15 @@ async def test_the_go_chat_worker_sends_the_header_only_with_a_token(db: Databas
 
 
 def documented_go_example() -> list[str]:
-    """The README's one command for the Go example (in its Go client section), as words."""
-    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    """The documented one command for the Go example (docs/clients.md, the Go client section), as words."""
+    lines = [line.strip() for line in (ROOT / "docs" / "clients.md").read_text().splitlines()]
     commands = [line for line in lines if line.startswith("make go-example ")]
     assert len(commands) == 1, commands
     return shlex.split(commands[0].split("#")[0])
 
 
 async def test_the_documented_make_go_example_builds_and_runs_the_worker(db: Database) -> None:
-    """The README's command, word for word, with this test's broker, upstream and user in its variables."""
+    """The documented command, word for word, with this test's broker, upstream and user in its variables."""
     uid = uuid.uuid4()
     await db.insert_link(uid, "go-example-token", "r", datetime.now(UTC) + timedelta(hours=1))
     command = documented_go_example()
@@ -114,3 +119,53 @@ async def test_the_documented_make_go_example_builds_and_runs_the_worker(db: Dat
     assert out.stdout.strip().splitlines()[-1] == "200"
     assert seen == ["Bearer go-example-token"]
     assert not (ROOT / "clients" / "clients").exists()  # the GOPATH link, made once, never nested into clients/
+
+
+async def test_the_go_stream_helper_resumes_across_a_broker_restart(db: Database, tmp_path: Path) -> None:
+    callers = tmp_path / "callers"
+    callers.write_text(f"watcher:{hashlib.sha256(b'go-watcher-token').hexdigest()}\n")
+    env = broker_env(db, None, BROKER_CALLER_TOKENS_FILE=str(callers), BROKER_EVENT_WATCHERS="token:watcher")
+    binary = tmp_path / "linkevents"
+    await asyncio.to_thread(run_go, "build", "-o", str(binary), "./examples/go/linkevents", cwd=ROOT)
+    uid = uuid.uuid4()
+    await note_dead(db, uid)
+    first = BrokerProcess(env, tmp_path / "a.log")
+    second: BrokerProcess | None = None
+    watcher = subprocess.Popen(
+        [str(binary), "-broker", first.target, "-token", "go-watcher-token", "-after", "0", "-count", "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        lines = [await asyncio.to_thread(watcher.stdout.readline)]
+        first.stop()  # SIGTERM: the stream ends UNAVAILABLE and the helper reconnects
+        await note_dead(db, uid)
+        await note_dead(db, uid)  # 4 more events while no broker runs
+        second = BrokerProcess(env, tmp_path / "b.log", port=first.port)
+        out, _ = await asyncio.to_thread(watcher.communicate, timeout=60)
+        lines += out.splitlines()
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert watcher.returncode == 0
+    conn = await db.admin()
+    try:
+        ids = [str(r["id"]) for r in await conn.fetch("SELECT id FROM token_broker.link_events ORDER BY id")]
+    finally:
+        await conn.close()
+    assert [json.loads(line)["id"] for line in lines] == ids
+
+
+async def note_dead(db: Database, uid: uuid.UUID) -> None:
+    """A state change as the broker writes it (a new fingerprint each time: a recovery, then re-auth required)."""
+    conn = await asyncpg.connect(db.service_url)
+    try:
+        await conn.execute(
+            "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, false)", uid, os.urandom(32)
+        )
+    finally:
+        await conn.close()

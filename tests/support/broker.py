@@ -140,10 +140,17 @@ class BrokerProcess:
     """`python -m broker serve` as a separate OS process (a replica)."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, *, metrics: bool = False, stdout: int | None = None
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        metrics: bool = False,
+        stdout: int | None = None,
+        port: int = 0,
     ) -> None:
-        """`stdout`: a file descriptor for the process's stdout (then only stderr goes to `log_path`)."""
-        self.port = free_port()
+        """`stdout`: a file descriptor for the process's stdout (then only stderr goes to `log_path`); `port`: the
+        port to serve on (0: a free one)."""
+        self.port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
         full = dict(os.environ)
         full.update(env)

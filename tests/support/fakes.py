@@ -80,6 +80,8 @@ class FakeStore:
     deleted: set[UUID] = field(default_factory=set)  # users the product deleted: its trigger refuses their writes
     rejected_access: dict[UUID, bytes] = field(default_factory=dict)
     written: list[Note] = field(default_factory=list)  # notes of written refresh tokens (background schedule)
+    states: dict[UUID, bytes] = field(default_factory=dict)  # link_state: the fingerprint recorded as dead
+    link_events: list[tuple[str, UUID]] = field(default_factory=list)
     _locks: dict[UUID, asyncio.Lock] = field(default_factory=dict)
 
     def put(self, link: Link) -> None:
@@ -93,7 +95,35 @@ class FakeStore:
         row = self.rows.get(user_id)
         if row is None:
             return None
-        return replace(row, access_rejected=self.rejected_access.get(user_id) == _sha(row.access_token))
+        return replace(
+            row,
+            access_rejected=self.rejected_access.get(user_id) == _sha(row.access_token),
+            reauth_fingerprint=self.states.get(user_id),
+        )
+
+    def note_dead(self, user_id: UUID, fingerprint: bytes) -> bool:
+        """note_reauth_required's semantics: once per change (another fingerprint is a recovery and a new state)."""
+        old = self.states.get(user_id)
+        if old == fingerprint:
+            return False
+        if old is not None:
+            self.link_events.append(("link.recovered", user_id))
+        self.states[user_id] = fingerprint
+        self.link_events.append(("link.reauth_required", user_id))
+        return True
+
+    def note_alive(self, user_id: UUID, fingerprint: bytes) -> bool:
+        if self.states.get(user_id) != fingerprint:
+            return False
+        del self.states[user_id]
+        self.link_events.append(("link.recovered", user_id))
+        return True
+
+    async def note_reauth_required(self, link: Link, error: str, *, forced: bool, timeout: float) -> bool:
+        return self.note_dead(link.user_id, link.fingerprint())
+
+    async def note_recovered(self, user_id: UUID, fingerprint: bytes, how: str, *, timeout: float) -> bool:
+        return self.note_alive(user_id, fingerprint)
 
     @asynccontextmanager
     async def lock_link(self, user_id: UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[FakeLocked]:
@@ -134,7 +164,9 @@ class FakeStore:
             idle = self.clock.monotonic() - marker.heartbeat
         forced = self.forced_at.get(user_id)
         ago = None if forced is None else self.clock.monotonic() - forced
-        return replace(row, marker_idle_seconds=idle, forced_seconds_ago=ago)
+        return replace(
+            row, marker_idle_seconds=idle, forced_seconds_ago=ago, reauth_fingerprint=self.states.get(user_id)
+        )
 
     def _cas(self, user_id: UUID, expected: Secret, tokens: RefreshedTokens) -> tuple[bool, Link | None]:
         row = self.rows.get(user_id)
@@ -218,6 +250,13 @@ class FakeLocked:
 
     async def note_written(self, note: Note) -> None:
         self.store.written.append(note)
+
+    async def note_reauth_required(self, error: str, *, forced: bool) -> bool:
+        assert self.link is not None
+        return self.store.note_dead(self.user_id, self.link.fingerprint())
+
+    async def note_recovered(self, fingerprint: bytes, how: str) -> bool:
+        return self.store.note_alive(self.user_id, fingerprint)
 
     async def mark_in_flight(self) -> None:
         assert self.link is not None

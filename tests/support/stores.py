@@ -43,6 +43,12 @@ class DelegatingLocked:
     async def note_written(self, note: Note) -> None:
         await self.inner.note_written(note)
 
+    async def note_reauth_required(self, error: str, *, forced: bool) -> bool:
+        return await self.inner.note_reauth_required(error, forced=forced)
+
+    async def note_recovered(self, fingerprint: bytes, how: str) -> bool:
+        return await self.inner.note_recovered(fingerprint, how)
+
 
 class DelegatingStore:
     """A LinkStore that forwards every call to `inner`; subclass it and override what the test changes."""
@@ -83,6 +89,12 @@ class DelegatingStore:
 
     async def remember_rejected(self, user_id: UUID, access_sha256: bytes, *, timeout: float) -> None:
         await self.inner.remember_rejected(user_id, access_sha256, timeout=timeout)
+
+    async def note_reauth_required(self, link: Link, error: str, *, forced: bool, timeout: float) -> bool:
+        return await self.inner.note_reauth_required(link, error, forced=forced, timeout=timeout)
+
+    async def note_recovered(self, user_id: UUID, fingerprint: bytes, how: str, *, timeout: float) -> bool:
+        return await self.inner.note_recovered(user_id, fingerprint, how, timeout=timeout)
 
 
 class SavesFail(DelegatingStore):

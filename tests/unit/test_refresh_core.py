@@ -117,16 +117,28 @@ class TestLockedRefresh:
         assert (await c.refresher.refresh(seen, time.monotonic() + 5)).status is TokenStatus.ACCOUNT_DISABLED
         assert c.idp.sent == []
 
-    async def test_rejection_is_remembered_and_not_sent_again(self) -> None:
+    async def test_invalid_grant_is_recorded_and_never_sent_again_until_the_link_changes(self) -> None:
         c = make_core(IdpRejected("invalid_grant"))
         assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
         assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
         assert len(c.idp.sent) == 1
         assert c.store.markers == {}  # a rejection did not rotate: the marker is lifted
         c.clock.advance(61)
-        c.idp.script.append(IdpRejected("invalid_grant"))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert len(c.idp.sent) == 1  # past the back-off too: the state is recorded, not just remembered
+        assert c.store.link_events == [("link.reauth_required", c.user)]
+
+    async def test_invalid_client_is_remembered_for_the_back_off_only_and_records_nothing(self) -> None:
+        c = make_core(IdpRejected("invalid_client"))
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
+        assert len(c.idp.sent) == 1
+        c.clock.advance(61)
+        c.idp.script.append(IdpRejected("invalid_client"))
         assert (await c.get()).status is TokenStatus.REAUTH_REQUIRED
         assert len(c.idp.sent) == 2  # the back-off ended
+        assert c.store.link_events == []
+        assert c.store.states == {}
 
     async def test_rotation_between_the_read_and_the_rejection_uses_the_new_state(self) -> None:
         c = make_core()

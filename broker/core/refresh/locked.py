@@ -19,7 +19,16 @@ from broker.errors import (
     RefreshInFlight,
     StoreUnavailable,
 )
-from broker.model import AccountState, Link, RefreshedTokens, Secret, TokenResult, TokenStatus
+from broker.model import (
+    REAUTH_REQUIRED,
+    RECOVERED,
+    AccountState,
+    Link,
+    RefreshedTokens,
+    Secret,
+    TokenResult,
+    TokenStatus,
+)
 from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.refresh")
@@ -57,6 +66,8 @@ class LockedRefresh:
         sent_from = seen
         waited_from = time.monotonic()
         s = self._settings
+        rejection: IdpRejected | None = None
+        events: list[str] = []  # written in the locked transaction: counted once it committed
         try:
             async with AsyncExitStack() as held:
                 with self._tracer.span("refresh.lock_wait"):
@@ -73,15 +84,32 @@ class LockedRefresh:
                 assert link is not None
                 used = link.refresh_token
                 sent_from = link
-                tokens = await self._send(locked, link)
-                # From here on the IdP has rotated the refresh token: the new one must not be lost.
-                with self._tracer.span("db.write_back"):
-                    if not await locked.save(tokens):
-                        UserLog(log, uid).warning("refreshed link vanished under the lock")
-                    if forced:
-                        await locked.note_forced()
-                    if self._background is not None:
-                        await locked.note_written(self._background.written(uid, tokens, self._clock()))
+                try:
+                    tokens = await self._send(locked, link)
+                except IdpRejected as exc:
+                    # Confirmed under the row lock: the link's current refresh token is dead. The state and its
+                    # event commit with this transaction (invalid_client and the like are the operator's: nothing).
+                    rejection = exc
+                    if exc.error == "invalid_grant" and await locked.note_reauth_required(exc.error, forced=forced):
+                        events.append(REAUTH_REQUIRED)
+                else:
+                    # From here on the IdP has rotated the refresh token: the new one must not be lost.
+                    with self._tracer.span("db.write_back"):
+                        if not await locked.save(tokens):
+                            UserLog(log, uid).warning("refreshed link vanished under the lock")
+                        if forced:
+                            await locked.note_forced()
+                        if self._background is not None:
+                            await locked.note_written(self._background.written(uid, tokens, self._clock()))
+                        if link.reauth_fingerprint is not None and await locked.note_recovered(
+                            link.reauth_fingerprint, "refresh"
+                        ):
+                            events.append(RECOVERED)
+            for event in events:
+                self._obs.link_event(event)
+            if rejection is not None:
+                raise rejection
+            assert tokens is not None
             self._liveness.release(uid, used)
             if rejected is not None:
                 self._obs.forced_refresh("refreshed")
@@ -89,6 +117,10 @@ class LockedRefresh:
         except IdpRejected as rejection:
             return await self._after_rejection(seen, used, rejection, retry_on_rotation=retry_on_rotation)
         except BaseException as exc:
+            if rejection is not None and isinstance(exc, StoreUnavailable):
+                # The rejection stands; only its record did not commit (a later request records it).
+                UserLog(log, uid).warning("re-auth-required state not recorded: %s", exc)
+                return await self._after_rejection(seen, used, rejection, retry_on_rotation=retry_on_rotation)
             if tokens is None:
                 raise
             # The write or the commit failed (or timed out) after the IdP answered: keep and retry. Compare-and-set
@@ -107,6 +139,11 @@ class LockedRefresh:
         if link.account is AccountState.DISABLED:
             return TokenResult.empty(TokenStatus.ACCOUNT_DISABLED)
         now = self._clock()
+        if link.known_dead:
+            # Recorded as needing a new login (by whoever held this lock before us): never sent again.
+            if forced:
+                return TokenResult.empty(TokenStatus.REAUTH_REQUIRED)
+            return fallback(link, TokenStatus.REAUTH_REQUIRED, now)
         changed = link.refresh_token != seen.refresh_token or link.access_token != seen.access_token
         if reported and not forced:
             changed = True  # the rejected token is gone already

@@ -431,7 +431,8 @@ BEGIN
 
     -- Since 0005: the access token an upstream rejected, remembered for every worker and replica. The reads are
     -- get_oidc_link(s) plus the SHA-256 of a rejected access token of the link (NULL when none), which the broker
-    -- compares with the token it decrypted; get_oidc_link(s) stay, unchanged, for replicas of older versions.
+    -- compares with the token it decrypted, and (0008) the fingerprint of a recorded re-auth-required state;
+    -- get_oidc_link(s) stay, unchanged, for replicas of older versions.
     REVOKE ALL ON token_broker.rejected_access FROM PUBLIC;
     GRANT SELECT, INSERT, UPDATE ON token_broker.rejected_access TO token_broker_elevated;
     GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
@@ -439,16 +440,19 @@ BEGIN
         CREATE OR REPLACE FUNCTION token_broker.read_oidc_link(p_user_id pg_catalog.uuid)
         RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
                        access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
-                       account_disabled pg_catalog.bool, rejected_sha256 pg_catalog.bytea)
+                       account_disabled pg_catalog.bool, rejected_sha256 pg_catalog.bytea,
+                       reauth_fingerprint pg_catalog.bytea)
         LANGUAGE plpgsql STABLE SECURITY DEFINER
         SET search_path = pg_catalog, pg_temp
         SET plan_cache_mode = force_generic_plan
         AS $body$ BEGIN
             RETURN QUERY
             SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
-                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256,
+                   s.fingerprint
             FROM public.user_links l %s
             LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            LEFT JOIN token_broker.link_state s ON s.user_id OPERATOR(pg_catalog.=) l.user_id
             WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
               AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
         END $body$ $f$, account_expr, account_join);
@@ -457,16 +461,18 @@ BEGIN
         RETURNS TABLE (user_id pg_catalog.uuid, access_token pg_catalog.text, refresh_token pg_catalog.text,
                        expiry pg_catalog.timestamptz, access_key_id pg_catalog.text,
                        refresh_key_id pg_catalog.text, account_disabled pg_catalog.bool,
-                       rejected_sha256 pg_catalog.bytea)
+                       rejected_sha256 pg_catalog.bytea, reauth_fingerprint pg_catalog.bytea)
         LANGUAGE plpgsql STABLE SECURITY DEFINER
         SET search_path = pg_catalog, pg_temp
         SET plan_cache_mode = force_generic_plan
         AS $body$ BEGIN
             RETURN QUERY
             SELECT l.user_id, l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
-                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, r.access_sha256,
+                   s.fingerprint
             FROM public.user_links l %s
             LEFT JOIN token_broker.rejected_access r ON r.user_id OPERATOR(pg_catalog.=) l.user_id
+            LEFT JOIN token_broker.link_state s ON s.user_id OPERATOR(pg_catalog.=) l.user_id
             WHERE l.user_id OPERATOR(pg_catalog.=) ANY (p_user_ids)
               AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
         END $body$ $f$, account_expr, account_join);
@@ -641,5 +647,304 @@ BEGIN
         ' pg_catalog.float8) TO %I', svc);
     EXECUTE pg_catalog.format(
         'GRANT EXECUTE ON FUNCTION token_broker.unschedule_refresh(pg_catalog.uuid) TO %I', svc);
+END
+$$;
+
+-- Link events (0008): the recorded re-auth-required state, the outbox, and the webhook endpoint. Only reached
+-- through the functions below; the functions above, which the previous release calls, stay as they are.
+DO $$
+DECLARE
+    svc text := pg_catalog.current_setting('token_broker.service_role');
+    has_users boolean := pg_catalog.to_regclass('public.users') IS NOT NULL;
+    account_expr text := 'false';
+    account_join text := '';
+    fn text;
+BEGIN
+    IF has_users THEN
+        account_expr := 'COALESCE(u.deleted OR u.status::pg_catalog.text OPERATOR(pg_catalog.=) ''suspended'', false)';
+        account_join := 'LEFT JOIN public.users u ON u.id OPERATOR(pg_catalog.=) l.user_id';
+    END IF;
+    REVOKE ALL ON token_broker.link_state, token_broker.link_events, token_broker.link_events_pruned,
+        token_broker.webhook_endpoint FROM PUBLIC;
+    GRANT SELECT, INSERT, UPDATE, DELETE ON token_broker.link_state, token_broker.link_events,
+        token_broker.link_events_pruned, token_broker.webhook_endpoint TO token_broker_elevated;
+    GRANT CREATE ON SCHEMA token_broker TO token_broker_elevated;
+
+    -- lock_oidc_link, plus the recorded state. The row lock is taken first and the row read by a second statement:
+    -- a caller that waited for the lock then sees what its holder committed (marker, state), not the tables as they
+    -- were when it started waiting.
+    EXECUTE pg_catalog.format($f$
+        CREATE OR REPLACE FUNCTION token_broker.lock_oidc_link_state(p_user_id pg_catalog.uuid)
+        RETURNS TABLE (access_token pg_catalog.text, refresh_token pg_catalog.text, expiry pg_catalog.timestamptz,
+                       access_key_id pg_catalog.text, refresh_key_id pg_catalog.text,
+                       account_disabled pg_catalog.bool, marker_sha256 pg_catalog.bytea,
+                       marker_idle_seconds pg_catalog.float8, forced_seconds_ago pg_catalog.float8,
+                       reauth_fingerprint pg_catalog.bytea)
+        LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $body$ BEGIN
+            PERFORM 1 FROM public.user_links l
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type
+            FOR UPDATE;
+            RETURN QUERY
+            SELECT l.oauth_access_token, l.oauth_refresh_token, l.oauth_expiry,
+                   l.oauth_access_token_key_id, l.oauth_refresh_token_key_id, %s, f.refresh_sha256,
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) f.heartbeat_at),
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) fr.at),
+                   s.fingerprint
+            FROM public.user_links l %s
+            LEFT JOIN token_broker.refresh_in_flight f ON f.user_id OPERATOR(pg_catalog.=) l.user_id
+            LEFT JOIN token_broker.forced_refresh fr ON fr.user_id OPERATOR(pg_catalog.=) l.user_id
+            LEFT JOIN token_broker.link_state s ON s.user_id OPERATOR(pg_catalog.=) l.user_id
+            WHERE l.user_id OPERATOR(pg_catalog.=) p_user_id
+              AND l.login_type OPERATOR(pg_catalog.=) 'oidc'::public.login_type;
+        END $body$ $f$, account_expr, account_join);
+
+    -- The link needs a new login: record the state and its event in the caller's transaction, once per change. An
+    -- existing state for other tokens means the link changed (a new login) and died again unseen: that is a recovery
+    -- and a new re-auth-required. Returns the new event's id, or NULL when the state was recorded already.
+    CREATE OR REPLACE FUNCTION token_broker.note_reauth_required(
+        p_user_id pg_catalog.uuid, p_fingerprint pg_catalog.bytea, p_error pg_catalog.text,
+        p_forced pg_catalog.bool, p_webhook pg_catalog.bool)
+    RETURNS pg_catalog.int8
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+    DECLARE
+        v_old pg_catalog.bytea;
+        v_id pg_catalog.int8;
+        v_hook pg_catalog.text := CASE WHEN p_webhook THEN 'pending' ELSE 'none' END;
+    BEGIN
+        PERFORM pg_catalog.pg_advisory_xact_lock(7533738021829310565);  -- the event writers' order (0008)
+        SELECT s.fingerprint INTO v_old FROM token_broker.link_state s
+        WHERE s.user_id OPERATOR(pg_catalog.=) p_user_id FOR UPDATE;
+        IF FOUND THEN
+            IF v_old OPERATOR(pg_catalog.=) p_fingerprint THEN
+                RETURN NULL;
+            END IF;
+            INSERT INTO token_broker.link_events (type, user_id, occurred_at, detail, webhook)
+            VALUES ('link.recovered', p_user_id, pg_catalog.clock_timestamp(),
+                    pg_catalog.jsonb_build_object('recovered_by', 'login'), v_hook);
+            UPDATE token_broker.link_state SET fingerprint = p_fingerprint, error = p_error,
+                since = pg_catalog.clock_timestamp()
+            WHERE user_id OPERATOR(pg_catalog.=) p_user_id;
+        ELSE
+            INSERT INTO token_broker.link_state (user_id, fingerprint, error, since)
+            VALUES (p_user_id, p_fingerprint, p_error, pg_catalog.clock_timestamp())
+            ON CONFLICT (user_id) DO NOTHING;
+            IF NOT FOUND THEN
+                RETURN NULL;  -- recorded by a concurrent transaction, which emitted the event
+            END IF;
+        END IF;
+        INSERT INTO token_broker.link_events (type, user_id, occurred_at, detail, webhook)
+        VALUES ('link.reauth_required', p_user_id, pg_catalog.clock_timestamp(),
+                pg_catalog.jsonb_build_object('error', p_error, 'forced', p_forced), v_hook)
+        RETURNING id INTO v_id;
+        RETURN v_id;
+    END $body$;
+
+    -- The link has working tokens again (its tokens are no longer those the state was recorded for): lift the state
+    -- and emit the event, once, whoever sees it first. Returns the event's id, or NULL when another did.
+    CREATE OR REPLACE FUNCTION token_broker.note_link_recovered(
+        p_user_id pg_catalog.uuid, p_fingerprint pg_catalog.bytea, p_how pg_catalog.text, p_webhook pg_catalog.bool)
+    RETURNS pg_catalog.int8
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+    DECLARE
+        v_id pg_catalog.int8;
+    BEGIN
+        PERFORM pg_catalog.pg_advisory_xact_lock(7533738021829310565);  -- the event writers' order (0008)
+        DELETE FROM token_broker.link_state
+        WHERE user_id OPERATOR(pg_catalog.=) p_user_id AND fingerprint OPERATOR(pg_catalog.=) p_fingerprint;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO token_broker.link_events (type, user_id, occurred_at, detail, webhook)
+        VALUES ('link.recovered', p_user_id, pg_catalog.clock_timestamp(),
+                pg_catalog.jsonb_build_object('recovered_by', p_how),
+                CASE WHEN p_webhook THEN 'pending' ELSE 'none' END)
+        RETURNING id INTO v_id;
+        RETURN v_id;
+    END $body$;
+
+    -- This replica's webhook endpoint (SHA-256 of its URL): recorded; a new URL lifts a stop. Returns whether the
+    -- endpoint is stopped (it answered 410).
+    CREATE OR REPLACE FUNCTION token_broker.register_webhook_endpoint(p_url_sha256 pg_catalog.bytea)
+    RETURNS pg_catalog.bool
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        INSERT INTO token_broker.webhook_endpoint AS w (one, url_sha256) VALUES (true, p_url_sha256)
+        ON CONFLICT (one) DO UPDATE
+            SET url_sha256 = EXCLUDED.url_sha256,
+                stopped_at = CASE WHEN w.url_sha256 OPERATOR(pg_catalog.=) EXCLUDED.url_sha256
+                             THEN w.stopped_at END
+        RETURNING stopped_at IS NOT NULL
+    $body$;
+
+    -- The endpoint answered 410: stop it for every replica. True for the call that stopped it.
+    CREATE OR REPLACE FUNCTION token_broker.stop_webhook_endpoint(p_url_sha256 pg_catalog.bytea)
+    RETURNS pg_catalog.bool
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        WITH stopped AS (
+            UPDATE token_broker.webhook_endpoint SET stopped_at = pg_catalog.clock_timestamp()
+            WHERE url_sha256 OPERATOR(pg_catalog.=) p_url_sha256 AND stopped_at IS NULL
+            RETURNING 1
+        )
+        SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM stopped
+    $body$;
+
+    -- Claim deliveries: only each user's oldest pending event, when due and not claimed by a live process (a claim
+    -- lasts p_lease seconds; one left by a dead process is taken over when it lapses). Nothing while the endpoint is
+    -- stopped.
+    CREATE OR REPLACE FUNCTION token_broker.claim_link_events(
+        p_claimer pg_catalog.text, p_limit pg_catalog.int4, p_lease pg_catalog.float8,
+        p_url_sha256 pg_catalog.bytea)
+    RETURNS TABLE (id pg_catalog.int8, type pg_catalog.text, user_id pg_catalog.uuid,
+                   occurred_at pg_catalog.timestamptz, detail pg_catalog.jsonb, attempts pg_catalog.int4)
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$ BEGIN
+        IF EXISTS (SELECT 1 FROM token_broker.webhook_endpoint w
+                   WHERE w.url_sha256 OPERATOR(pg_catalog.=) p_url_sha256 AND w.stopped_at IS NOT NULL) THEN
+            RETURN;
+        END IF;
+        RETURN QUERY
+        WITH heads AS (
+            SELECT DISTINCT ON (e.user_id) e.id FROM token_broker.link_events e
+            WHERE e.webhook OPERATOR(pg_catalog.=) 'pending'
+            ORDER BY e.user_id, e.id
+        ), ready AS (
+            -- pending again here: a row delivered since `heads` was read is re-checked on its new version
+            SELECT e.id FROM token_broker.link_events e JOIN heads h ON h.id OPERATOR(pg_catalog.=) e.id
+            WHERE e.webhook OPERATOR(pg_catalog.=) 'pending'
+              AND e.next_attempt_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()
+              AND (e.claimed_until IS NULL OR e.claimed_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
+            ORDER BY e.id
+            LIMIT p_limit
+            FOR UPDATE OF e SKIP LOCKED
+        )
+        UPDATE token_broker.link_events e
+        SET claimed_by = p_claimer,
+            claimed_until = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)
+                pg_catalog.make_interval(secs => p_lease),
+            attempts = e.attempts OPERATOR(pg_catalog.+) 1
+        FROM ready r
+        WHERE e.id OPERATOR(pg_catalog.=) r.id AND e.webhook OPERATOR(pg_catalog.=) 'pending'
+          AND (e.claimed_until IS NULL OR e.claimed_until OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
+        RETURNING e.id, e.type, e.user_id, e.occurred_at, e.detail, e.attempts;
+    END $body$;
+
+    -- The outcome of a claimed delivery: delivered, failed (the retry period is over), or retry after p_delay
+    -- seconds (also: give a claim back). Only the claimer's own claim counts.
+    CREATE OR REPLACE FUNCTION token_broker.settle_link_event(
+        p_id pg_catalog.int8, p_claimer pg_catalog.text, p_outcome pg_catalog.text, p_delay pg_catalog.float8)
+    RETURNS pg_catalog.bool
+    LANGUAGE sql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        WITH settled AS (
+            UPDATE token_broker.link_events
+            SET webhook = CASE WHEN p_outcome OPERATOR(pg_catalog.=) 'retry' THEN webhook ELSE p_outcome END,
+                settled_at = CASE WHEN p_outcome OPERATOR(pg_catalog.=) 'retry' THEN NULL
+                             ELSE pg_catalog.clock_timestamp() END,
+                next_attempt_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+)
+                    pg_catalog.make_interval(secs => p_delay),
+                claimed_by = NULL, claimed_until = NULL
+            WHERE id OPERATOR(pg_catalog.=) p_id AND claimed_by OPERATOR(pg_catalog.=) p_claimer
+              AND webhook OPERATOR(pg_catalog.=) 'pending'
+              AND p_outcome OPERATOR(pg_catalog.=) ANY (ARRAY['delivered', 'failed', 'retry'])
+            RETURNING 1
+        )
+        SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM settled
+    $body$;
+
+    -- The stream: events after the cursor (the last id seen), in id order, which is commit order (0008).
+    CREATE OR REPLACE FUNCTION token_broker.read_link_events(p_after pg_catalog.int8, p_limit pg_catalog.int4)
+    RETURNS TABLE (id pg_catalog.int8, type pg_catalog.text, user_id pg_catalog.uuid,
+                   occurred_at pg_catalog.timestamptz, detail pg_catalog.jsonb)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        SELECT e.id, e.type, e.user_id, e.occurred_at, e.detail FROM token_broker.link_events e
+        WHERE e.id OPERATOR(pg_catalog.>) p_after
+        ORDER BY e.id
+        LIMIT p_limit
+    $body$;
+
+    -- Where a watcher's cursor stands: (the latest id, or the last one pruned; the last id pruned, 0 if none).
+    -- A cursor above the first is unknown; below the second, events after it may be gone.
+    CREATE OR REPLACE FUNCTION token_broker.link_events_bounds()
+    RETURNS TABLE (head pg_catalog.int8, pruned pg_catalog.int8)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        SELECT GREATEST((SELECT pg_catalog.max(e.id) FROM token_broker.link_events e), p.through, 0),
+               COALESCE(p.through, 0)
+        FROM (SELECT (SELECT x.through FROM token_broker.link_events_pruned x) AS through) p
+    $body$;
+
+    -- Retention: events older than p_seconds go, except those a webhook has still to deliver; the highest id gone
+    -- is kept, so that a cursor from before it is told so.
+    CREATE OR REPLACE FUNCTION token_broker.prune_link_events(p_seconds pg_catalog.float8)
+    RETURNS pg_catalog.int8
+    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+    DECLARE
+        v_count pg_catalog.int8;
+        v_max pg_catalog.int8;
+    BEGIN
+        WITH gone AS (
+            DELETE FROM token_broker.link_events
+            WHERE occurred_at OPERATOR(pg_catalog.<)
+                  (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => p_seconds))
+              AND webhook OPERATOR(pg_catalog.<>) 'pending'
+            RETURNING id
+        )
+        SELECT pg_catalog.count(*), pg_catalog.max(id) INTO v_count, v_max FROM gone;
+        IF v_max IS NOT NULL THEN
+            INSERT INTO token_broker.link_events_pruned AS p (one, through) VALUES (true, v_max)
+            ON CONFLICT (one) DO UPDATE SET through = GREATEST(p.through, EXCLUDED.through);
+        END IF;
+        RETURN v_count;
+    END $body$;
+
+    -- Seconds since the oldest event still waiting for its webhook delivery occurred (0: none waits).
+    CREATE OR REPLACE FUNCTION token_broker.link_events_backlog()
+    RETURNS pg_catalog.float8
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS $body$
+        SELECT COALESCE(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+                        pg_catalog.min(e.occurred_at)), 0)
+        FROM token_broker.link_events e WHERE e.webhook OPERATOR(pg_catalog.=) 'pending'
+    $body$;
+
+    FOREACH fn IN ARRAY ARRAY[
+        'token_broker.read_oidc_link(pg_catalog.uuid)',
+        'token_broker.read_oidc_links(pg_catalog.uuid[])',
+        'token_broker.lock_oidc_link_state(pg_catalog.uuid)',
+        'token_broker.note_reauth_required(pg_catalog.uuid, pg_catalog.bytea, pg_catalog.text, pg_catalog.bool,'
+            ' pg_catalog.bool)',
+        'token_broker.note_link_recovered(pg_catalog.uuid, pg_catalog.bytea, pg_catalog.text, pg_catalog.bool)',
+        'token_broker.register_webhook_endpoint(pg_catalog.bytea)',
+        'token_broker.stop_webhook_endpoint(pg_catalog.bytea)',
+        'token_broker.claim_link_events(pg_catalog.text, pg_catalog.int4, pg_catalog.float8, pg_catalog.bytea)',
+        'token_broker.settle_link_event(pg_catalog.int8, pg_catalog.text, pg_catalog.text, pg_catalog.float8)',
+        'token_broker.read_link_events(pg_catalog.int8, pg_catalog.int4)',
+        'token_broker.link_events_bounds()',
+        'token_broker.prune_link_events(pg_catalog.float8)',
+        'token_broker.link_events_backlog()'
+    ] LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO token_broker_elevated', fn);
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', fn, svc);
+    END LOOP;
+    REVOKE CREATE ON SCHEMA token_broker FROM token_broker_elevated;
 END
 $$;

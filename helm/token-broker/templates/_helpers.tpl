@@ -72,5 +72,6 @@ Every caller identity the mesh must admit: the allowlist and every caller the re
 {{- $callers := list }}
 {{- range .Values.broker.allowedCallers }}{{ $callers = append $callers . }}{{ end }}
 {{- range .Values.broker.resources }}{{ range .callers }}{{ $callers = append $callers . }}{{ end }}{{ end }}
+{{- range .Values.events.watchers }}{{ $callers = append $callers . }}{{ end }}
 {{- toJson (uniq $callers) }}
 {{- end }}

@@ -113,6 +113,210 @@ func (TokenStatus) EnumDescriptor() ([]byte, []int) {
 	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{0}
 }
 
+// WatchLinkEventsRequest says where to resume.
+type WatchLinkEventsRequest struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// The id of the last event received; "" for live events only (from now on).
+	After string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+}
+
+func (x *WatchLinkEventsRequest) Reset() {
+	*x = WatchLinkEventsRequest{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_broker_v1_token_broker_proto_msgTypes[0]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *WatchLinkEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchLinkEventsRequest) ProtoMessage() {}
+
+func (x *WatchLinkEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_token_broker_proto_msgTypes[0]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchLinkEventsRequest.ProtoReflect.Descriptor instead.
+func (*WatchLinkEventsRequest) Descriptor() ([]byte, []int) {
+	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *WatchLinkEventsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+// WatchLinkEventsResponse carries one event.
+type WatchLinkEventsResponse struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// The event.
+	Event *LinkEvent `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+}
+
+func (x *WatchLinkEventsResponse) Reset() {
+	*x = WatchLinkEventsResponse{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_broker_v1_token_broker_proto_msgTypes[1]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *WatchLinkEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchLinkEventsResponse) ProtoMessage() {}
+
+func (x *WatchLinkEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_token_broker_proto_msgTypes[1]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchLinkEventsResponse.ProtoReflect.Descriptor instead.
+func (*WatchLinkEventsResponse) Descriptor() ([]byte, []int) {
+	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *WatchLinkEventsResponse) GetEvent() *LinkEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+// LinkEvent is one change of a link's state, written once whichever replica saw it. It never carries a token,
+// a token hash or a client secret.
+type LinkEvent struct {
+	state         protoimpl.MessageState
+	sizeCache     protoimpl.SizeCache
+	unknownFields protoimpl.UnknownFields
+
+	// Unique and increasing in the order the events were written; the resume cursor. Webhooks carry it as
+	// "evt_<id>" in the webhook-id header.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// "link.reauth_required": the user must log in again (the IdP answered invalid_grant for the link's refresh
+	// token, or the token expired and there is no refresh token). "link.recovered": the link works again.
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// When the broker recorded the change.
+	OccurredAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=occurred_at,json=occurredAt,proto3" json:"occurred_at,omitempty"`
+	// The user whose link changed (canonical UUID text).
+	UserId string `protobuf:"bytes,4,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// link.reauth_required: the IdP's error code ("invalid_grant"), or "no_refresh_token".
+	Error string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// link.reauth_required: it came from a refresh forced by an upstream's rejection of the access token.
+	Forced bool `protobuf:"varint,6,opt,name=forced,proto3" json:"forced,omitempty"`
+	// link.recovered: "login" (new tokens were seen) or "refresh" (a refresh succeeded).
+	RecoveredBy string `protobuf:"bytes,7,opt,name=recovered_by,json=recoveredBy,proto3" json:"recovered_by,omitempty"`
+}
+
+func (x *LinkEvent) Reset() {
+	*x = LinkEvent{}
+	if protoimpl.UnsafeEnabled {
+		mi := &file_broker_v1_token_broker_proto_msgTypes[2]
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		ms.StoreMessageInfo(mi)
+	}
+}
+
+func (x *LinkEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkEvent) ProtoMessage() {}
+
+func (x *LinkEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_v1_token_broker_proto_msgTypes[2]
+	if protoimpl.UnsafeEnabled && x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkEvent.ProtoReflect.Descriptor instead.
+func (*LinkEvent) Descriptor() ([]byte, []int) {
+	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *LinkEvent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *LinkEvent) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *LinkEvent) GetOccurredAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.OccurredAt
+	}
+	return nil
+}
+
+func (x *LinkEvent) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *LinkEvent) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *LinkEvent) GetForced() bool {
+	if x != nil {
+		return x.Forced
+	}
+	return false
+}
+
+func (x *LinkEvent) GetRecoveredBy() string {
+	if x != nil {
+		return x.RecoveredBy
+	}
+	return ""
+}
+
 // GetOIDCAccessTokenRequest names the user whose token is wanted.
 type GetOIDCAccessTokenRequest struct {
 	state         protoimpl.MessageState
@@ -152,7 +356,7 @@ type GetOIDCAccessTokenRequest struct {
 func (x *GetOIDCAccessTokenRequest) Reset() {
 	*x = GetOIDCAccessTokenRequest{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_broker_v1_token_broker_proto_msgTypes[0]
+		mi := &file_broker_v1_token_broker_proto_msgTypes[3]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -165,7 +369,7 @@ func (x *GetOIDCAccessTokenRequest) String() string {
 func (*GetOIDCAccessTokenRequest) ProtoMessage() {}
 
 func (x *GetOIDCAccessTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_token_broker_proto_msgTypes[0]
+	mi := &file_broker_v1_token_broker_proto_msgTypes[3]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -178,7 +382,7 @@ func (x *GetOIDCAccessTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOIDCAccessTokenRequest.ProtoReflect.Descriptor instead.
 func (*GetOIDCAccessTokenRequest) Descriptor() ([]byte, []int) {
-	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{0}
+	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetOIDCAccessTokenRequest) GetUserId() string {
@@ -220,7 +424,7 @@ type GetOIDCAccessTokenResponse struct {
 func (x *GetOIDCAccessTokenResponse) Reset() {
 	*x = GetOIDCAccessTokenResponse{}
 	if protoimpl.UnsafeEnabled {
-		mi := &file_broker_v1_token_broker_proto_msgTypes[1]
+		mi := &file_broker_v1_token_broker_proto_msgTypes[4]
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		ms.StoreMessageInfo(mi)
 	}
@@ -233,7 +437,7 @@ func (x *GetOIDCAccessTokenResponse) String() string {
 func (*GetOIDCAccessTokenResponse) ProtoMessage() {}
 
 func (x *GetOIDCAccessTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_v1_token_broker_proto_msgTypes[1]
+	mi := &file_broker_v1_token_broker_proto_msgTypes[4]
 	if protoimpl.UnsafeEnabled && x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -246,7 +450,7 @@ func (x *GetOIDCAccessTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOIDCAccessTokenResponse.ProtoReflect.Descriptor instead.
 func (*GetOIDCAccessTokenResponse) Descriptor() ([]byte, []int) {
-	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{1}
+	return file_broker_v1_token_broker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetOIDCAccessTokenResponse) GetAccessToken() string {
@@ -277,7 +481,28 @@ var file_broker_v1_token_broker_proto_rawDesc = []byte{
 	0x6e, 0x5f, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x12, 0x09,
 	0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e, 0x76, 0x31, 0x1a, 0x1f, 0x67, 0x6f, 0x6f, 0x67, 0x6c,
 	0x65, 0x2f, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x62, 0x75, 0x66, 0x2f, 0x74, 0x69, 0x6d, 0x65, 0x73,
-	0x74, 0x61, 0x6d, 0x70, 0x2e, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x22, 0x84, 0x01, 0x0a, 0x19, 0x47,
+	0x74, 0x61, 0x6d, 0x70, 0x2e, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x22, 0x2e, 0x0a, 0x16, 0x57, 0x61,
+	0x74, 0x63, 0x68, 0x4c, 0x69, 0x6e, 0x6b, 0x45, 0x76, 0x65, 0x6e, 0x74, 0x73, 0x52, 0x65, 0x71,
+	0x75, 0x65, 0x73, 0x74, 0x12, 0x14, 0x0a, 0x05, 0x61, 0x66, 0x74, 0x65, 0x72, 0x18, 0x01, 0x20,
+	0x01, 0x28, 0x09, 0x52, 0x05, 0x61, 0x66, 0x74, 0x65, 0x72, 0x22, 0x45, 0x0a, 0x17, 0x57, 0x61,
+	0x74, 0x63, 0x68, 0x4c, 0x69, 0x6e, 0x6b, 0x45, 0x76, 0x65, 0x6e, 0x74, 0x73, 0x52, 0x65, 0x73,
+	0x70, 0x6f, 0x6e, 0x73, 0x65, 0x12, 0x2a, 0x0a, 0x05, 0x65, 0x76, 0x65, 0x6e, 0x74, 0x18, 0x01,
+	0x20, 0x01, 0x28, 0x0b, 0x32, 0x14, 0x2e, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e, 0x76, 0x31,
+	0x2e, 0x4c, 0x69, 0x6e, 0x6b, 0x45, 0x76, 0x65, 0x6e, 0x74, 0x52, 0x05, 0x65, 0x76, 0x65, 0x6e,
+	0x74, 0x22, 0xd6, 0x01, 0x0a, 0x09, 0x4c, 0x69, 0x6e, 0x6b, 0x45, 0x76, 0x65, 0x6e, 0x74, 0x12,
+	0x0e, 0x0a, 0x02, 0x69, 0x64, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x02, 0x69, 0x64, 0x12,
+	0x12, 0x0a, 0x04, 0x74, 0x79, 0x70, 0x65, 0x18, 0x02, 0x20, 0x01, 0x28, 0x09, 0x52, 0x04, 0x74,
+	0x79, 0x70, 0x65, 0x12, 0x3b, 0x0a, 0x0b, 0x6f, 0x63, 0x63, 0x75, 0x72, 0x72, 0x65, 0x64, 0x5f,
+	0x61, 0x74, 0x18, 0x03, 0x20, 0x01, 0x28, 0x0b, 0x32, 0x1a, 0x2e, 0x67, 0x6f, 0x6f, 0x67, 0x6c,
+	0x65, 0x2e, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x62, 0x75, 0x66, 0x2e, 0x54, 0x69, 0x6d, 0x65, 0x73,
+	0x74, 0x61, 0x6d, 0x70, 0x52, 0x0a, 0x6f, 0x63, 0x63, 0x75, 0x72, 0x72, 0x65, 0x64, 0x41, 0x74,
+	0x12, 0x17, 0x0a, 0x07, 0x75, 0x73, 0x65, 0x72, 0x5f, 0x69, 0x64, 0x18, 0x04, 0x20, 0x01, 0x28,
+	0x09, 0x52, 0x06, 0x75, 0x73, 0x65, 0x72, 0x49, 0x64, 0x12, 0x14, 0x0a, 0x05, 0x65, 0x72, 0x72,
+	0x6f, 0x72, 0x18, 0x05, 0x20, 0x01, 0x28, 0x09, 0x52, 0x05, 0x65, 0x72, 0x72, 0x6f, 0x72, 0x12,
+	0x16, 0x0a, 0x06, 0x66, 0x6f, 0x72, 0x63, 0x65, 0x64, 0x18, 0x06, 0x20, 0x01, 0x28, 0x08, 0x52,
+	0x06, 0x66, 0x6f, 0x72, 0x63, 0x65, 0x64, 0x12, 0x21, 0x0a, 0x0c, 0x72, 0x65, 0x63, 0x6f, 0x76,
+	0x65, 0x72, 0x65, 0x64, 0x5f, 0x62, 0x79, 0x18, 0x07, 0x20, 0x01, 0x28, 0x09, 0x52, 0x0b, 0x72,
+	0x65, 0x63, 0x6f, 0x76, 0x65, 0x72, 0x65, 0x64, 0x42, 0x79, 0x22, 0x84, 0x01, 0x0a, 0x19, 0x47,
 	0x65, 0x74, 0x4f, 0x49, 0x44, 0x43, 0x41, 0x63, 0x63, 0x65, 0x73, 0x73, 0x54, 0x6f, 0x6b, 0x65,
 	0x6e, 0x52, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x12, 0x17, 0x0a, 0x07, 0x75, 0x73, 0x65, 0x72,
 	0x5f, 0x69, 0x64, 0x18, 0x01, 0x20, 0x01, 0x28, 0x09, 0x52, 0x06, 0x75, 0x73, 0x65, 0x72, 0x49,
@@ -317,19 +542,24 @@ var file_broker_v1_token_broker_proto_rawDesc = []byte{
 	0x4f, 0x55, 0x4e, 0x54, 0x5f, 0x44, 0x49, 0x53, 0x41, 0x42, 0x4c, 0x45, 0x44, 0x10, 0x08, 0x12,
 	0x20, 0x0a, 0x1c, 0x54, 0x4f, 0x4b, 0x45, 0x4e, 0x5f, 0x53, 0x54, 0x41, 0x54, 0x55, 0x53, 0x5f,
 	0x45, 0x58, 0x43, 0x48, 0x41, 0x4e, 0x47, 0x45, 0x5f, 0x44, 0x45, 0x4e, 0x49, 0x45, 0x44, 0x10,
-	0x09, 0x32, 0x70, 0x0a, 0x0b, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x42, 0x72, 0x6f, 0x6b, 0x65, 0x72,
-	0x12, 0x61, 0x0a, 0x12, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44, 0x43, 0x41, 0x63, 0x63, 0x65, 0x73,
-	0x73, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x12, 0x24, 0x2e, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e,
-	0x76, 0x31, 0x2e, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44, 0x43, 0x41, 0x63, 0x63, 0x65, 0x73, 0x73,
-	0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x52, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x1a, 0x25, 0x2e, 0x62,
-	0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e, 0x76, 0x31, 0x2e, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44, 0x43,
-	0x41, 0x63, 0x63, 0x65, 0x73, 0x73, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x52, 0x65, 0x73, 0x70, 0x6f,
-	0x6e, 0x73, 0x65, 0x42, 0x44, 0x5a, 0x42, 0x67, 0x69, 0x74, 0x68, 0x75, 0x62, 0x2e, 0x63, 0x6f,
-	0x6d, 0x2f, 0x74, 0x6f, 0x6b, 0x65, 0x6e, 0x2d, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x74,
-	0x6f, 0x6b, 0x65, 0x6e, 0x2d, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x63, 0x6c, 0x69, 0x65,
-	0x6e, 0x74, 0x73, 0x2f, 0x67, 0x6f, 0x2f, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x76, 0x31,
-	0x3b, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x76, 0x31, 0x62, 0x06, 0x70, 0x72, 0x6f, 0x74, 0x6f,
-	0x33,
+	0x09, 0x32, 0xcc, 0x01, 0x0a, 0x0b, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x42, 0x72, 0x6f, 0x6b, 0x65,
+	0x72, 0x12, 0x61, 0x0a, 0x12, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44, 0x43, 0x41, 0x63, 0x63, 0x65,
+	0x73, 0x73, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x12, 0x24, 0x2e, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72,
+	0x2e, 0x76, 0x31, 0x2e, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44, 0x43, 0x41, 0x63, 0x63, 0x65, 0x73,
+	0x73, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x52, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x1a, 0x25, 0x2e,
+	0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2e, 0x76, 0x31, 0x2e, 0x47, 0x65, 0x74, 0x4f, 0x49, 0x44,
+	0x43, 0x41, 0x63, 0x63, 0x65, 0x73, 0x73, 0x54, 0x6f, 0x6b, 0x65, 0x6e, 0x52, 0x65, 0x73, 0x70,
+	0x6f, 0x6e, 0x73, 0x65, 0x12, 0x5a, 0x0a, 0x0f, 0x57, 0x61, 0x74, 0x63, 0x68, 0x4c, 0x69, 0x6e,
+	0x6b, 0x45, 0x76, 0x65, 0x6e, 0x74, 0x73, 0x12, 0x21, 0x2e, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72,
+	0x2e, 0x76, 0x31, 0x2e, 0x57, 0x61, 0x74, 0x63, 0x68, 0x4c, 0x69, 0x6e, 0x6b, 0x45, 0x76, 0x65,
+	0x6e, 0x74, 0x73, 0x52, 0x65, 0x71, 0x75, 0x65, 0x73, 0x74, 0x1a, 0x22, 0x2e, 0x62, 0x72, 0x6f,
+	0x6b, 0x65, 0x72, 0x2e, 0x76, 0x31, 0x2e, 0x57, 0x61, 0x74, 0x63, 0x68, 0x4c, 0x69, 0x6e, 0x6b,
+	0x45, 0x76, 0x65, 0x6e, 0x74, 0x73, 0x52, 0x65, 0x73, 0x70, 0x6f, 0x6e, 0x73, 0x65, 0x30, 0x01,
+	0x42, 0x44, 0x5a, 0x42, 0x67, 0x69, 0x74, 0x68, 0x75, 0x62, 0x2e, 0x63, 0x6f, 0x6d, 0x2f, 0x74,
+	0x6f, 0x6b, 0x65, 0x6e, 0x2d, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x74, 0x6f, 0x6b, 0x65,
+	0x6e, 0x2d, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x63, 0x6c, 0x69, 0x65, 0x6e, 0x74, 0x73,
+	0x2f, 0x67, 0x6f, 0x2f, 0x62, 0x72, 0x6f, 0x6b, 0x65, 0x72, 0x2f, 0x76, 0x31, 0x3b, 0x62, 0x72,
+	0x6f, 0x6b, 0x65, 0x72, 0x76, 0x31, 0x62, 0x06, 0x70, 0x72, 0x6f, 0x74, 0x6f, 0x33,
 }
 
 var (
@@ -345,23 +575,30 @@ func file_broker_v1_token_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_v1_token_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_v1_token_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_broker_v1_token_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_broker_v1_token_broker_proto_goTypes = []interface{}{
 	(TokenStatus)(0),                   // 0: broker.v1.TokenStatus
-	(*GetOIDCAccessTokenRequest)(nil),  // 1: broker.v1.GetOIDCAccessTokenRequest
-	(*GetOIDCAccessTokenResponse)(nil), // 2: broker.v1.GetOIDCAccessTokenResponse
-	(*timestamppb.Timestamp)(nil),      // 3: google.protobuf.Timestamp
+	(*WatchLinkEventsRequest)(nil),     // 1: broker.v1.WatchLinkEventsRequest
+	(*WatchLinkEventsResponse)(nil),    // 2: broker.v1.WatchLinkEventsResponse
+	(*LinkEvent)(nil),                  // 3: broker.v1.LinkEvent
+	(*GetOIDCAccessTokenRequest)(nil),  // 4: broker.v1.GetOIDCAccessTokenRequest
+	(*GetOIDCAccessTokenResponse)(nil), // 5: broker.v1.GetOIDCAccessTokenResponse
+	(*timestamppb.Timestamp)(nil),      // 6: google.protobuf.Timestamp
 }
 var file_broker_v1_token_broker_proto_depIdxs = []int32{
-	3, // 0: broker.v1.GetOIDCAccessTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	0, // 1: broker.v1.GetOIDCAccessTokenResponse.status:type_name -> broker.v1.TokenStatus
-	1, // 2: broker.v1.TokenBroker.GetOIDCAccessToken:input_type -> broker.v1.GetOIDCAccessTokenRequest
-	2, // 3: broker.v1.TokenBroker.GetOIDCAccessToken:output_type -> broker.v1.GetOIDCAccessTokenResponse
-	3, // [3:4] is the sub-list for method output_type
-	2, // [2:3] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	3, // 0: broker.v1.WatchLinkEventsResponse.event:type_name -> broker.v1.LinkEvent
+	6, // 1: broker.v1.LinkEvent.occurred_at:type_name -> google.protobuf.Timestamp
+	6, // 2: broker.v1.GetOIDCAccessTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	0, // 3: broker.v1.GetOIDCAccessTokenResponse.status:type_name -> broker.v1.TokenStatus
+	4, // 4: broker.v1.TokenBroker.GetOIDCAccessToken:input_type -> broker.v1.GetOIDCAccessTokenRequest
+	1, // 5: broker.v1.TokenBroker.WatchLinkEvents:input_type -> broker.v1.WatchLinkEventsRequest
+	5, // 6: broker.v1.TokenBroker.GetOIDCAccessToken:output_type -> broker.v1.GetOIDCAccessTokenResponse
+	2, // 7: broker.v1.TokenBroker.WatchLinkEvents:output_type -> broker.v1.WatchLinkEventsResponse
+	6, // [6:8] is the sub-list for method output_type
+	4, // [4:6] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_broker_v1_token_broker_proto_init() }
@@ -371,7 +608,7 @@ func file_broker_v1_token_broker_proto_init() {
 	}
 	if !protoimpl.UnsafeEnabled {
 		file_broker_v1_token_broker_proto_msgTypes[0].Exporter = func(v interface{}, i int) interface{} {
-			switch v := v.(*GetOIDCAccessTokenRequest); i {
+			switch v := v.(*WatchLinkEventsRequest); i {
 			case 0:
 				return &v.state
 			case 1:
@@ -383,6 +620,42 @@ func file_broker_v1_token_broker_proto_init() {
 			}
 		}
 		file_broker_v1_token_broker_proto_msgTypes[1].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*WatchLinkEventsResponse); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_broker_v1_token_broker_proto_msgTypes[2].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*LinkEvent); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_broker_v1_token_broker_proto_msgTypes[3].Exporter = func(v interface{}, i int) interface{} {
+			switch v := v.(*GetOIDCAccessTokenRequest); i {
+			case 0:
+				return &v.state
+			case 1:
+				return &v.sizeCache
+			case 2:
+				return &v.unknownFields
+			default:
+				return nil
+			}
+		}
+		file_broker_v1_token_broker_proto_msgTypes[4].Exporter = func(v interface{}, i int) interface{} {
 			switch v := v.(*GetOIDCAccessTokenResponse); i {
 			case 0:
 				return &v.state
@@ -401,7 +674,7 @@ func file_broker_v1_token_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: file_broker_v1_token_broker_proto_rawDesc,
 			NumEnums:      1,
-			NumMessages:   2,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,16 @@ type TokenBrokerClient interface {
 	// Only a malformed request fails the RPC (INVALID_ARGUMENT); caller authentication failures are
 	// UNAUTHENTICATED / PERMISSION_DENIED, and a caller over its concurrency limit gets RESOURCE_EXHAUSTED.
 	GetOIDCAccessToken(ctx context.Context, in *GetOIDCAccessTokenRequest, opts ...grpc.CallOption) (*GetOIDCAccessTokenResponse, error)
+	// WatchLinkEvents streams link events (a user must log in again; a link recovered): first every event after the
+	// cursor `after` still within the retention (BROKER_EVENT_RETENTION), then live ones, each exactly in the order
+	// they were written. Resume after a disconnect with the id of the last event received: nothing is skipped, and
+	// at most the events around the reconnection are seen twice (deliveries are at least once; ids identify them).
+	//
+	// Allowed to the identities in BROKER_EVENT_WATCHERS only (PERMISSION_DENIED otherwise; empty allows nobody).
+	// A cursor older than the retention fails with OUT_OF_RANGE (start again with an empty cursor, and reconcile),
+	// a malformed one with INVALID_ARGUMENT. When the broker shuts down the stream ends with UNAVAILABLE: reconnect
+	// with the cursor.
+	WatchLinkEvents(ctx context.Context, in *WatchLinkEventsRequest, opts ...grpc.CallOption) (TokenBroker_WatchLinkEventsClient, error)
 }
 
 type tokenBrokerClient struct {
@@ -44,6 +54,38 @@ func (c *tokenBrokerClient) GetOIDCAccessToken(ctx context.Context, in *GetOIDCA
 	return out, nil
 }
 
+func (c *tokenBrokerClient) WatchLinkEvents(ctx context.Context, in *WatchLinkEventsRequest, opts ...grpc.CallOption) (TokenBroker_WatchLinkEventsClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_TokenBroker_serviceDesc.Streams[0], "/broker.v1.TokenBroker/WatchLinkEvents", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &tokenBrokerWatchLinkEventsClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type TokenBroker_WatchLinkEventsClient interface {
+	Recv() (*WatchLinkEventsResponse, error)
+	grpc.ClientStream
+}
+
+type tokenBrokerWatchLinkEventsClient struct {
+	grpc.ClientStream
+}
+
+func (x *tokenBrokerWatchLinkEventsClient) Recv() (*WatchLinkEventsResponse, error) {
+	m := new(WatchLinkEventsResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // TokenBrokerServer is the server API for TokenBroker service.
 // All implementations must embed UnimplementedTokenBrokerServer
 // for forward compatibility
@@ -56,6 +98,16 @@ type TokenBrokerServer interface {
 	// Only a malformed request fails the RPC (INVALID_ARGUMENT); caller authentication failures are
 	// UNAUTHENTICATED / PERMISSION_DENIED, and a caller over its concurrency limit gets RESOURCE_EXHAUSTED.
 	GetOIDCAccessToken(context.Context, *GetOIDCAccessTokenRequest) (*GetOIDCAccessTokenResponse, error)
+	// WatchLinkEvents streams link events (a user must log in again; a link recovered): first every event after the
+	// cursor `after` still within the retention (BROKER_EVENT_RETENTION), then live ones, each exactly in the order
+	// they were written. Resume after a disconnect with the id of the last event received: nothing is skipped, and
+	// at most the events around the reconnection are seen twice (deliveries are at least once; ids identify them).
+	//
+	// Allowed to the identities in BROKER_EVENT_WATCHERS only (PERMISSION_DENIED otherwise; empty allows nobody).
+	// A cursor older than the retention fails with OUT_OF_RANGE (start again with an empty cursor, and reconcile),
+	// a malformed one with INVALID_ARGUMENT. When the broker shuts down the stream ends with UNAVAILABLE: reconnect
+	// with the cursor.
+	WatchLinkEvents(*WatchLinkEventsRequest, TokenBroker_WatchLinkEventsServer) error
 	mustEmbedUnimplementedTokenBrokerServer()
 }
 
@@ -65,6 +117,9 @@ type UnimplementedTokenBrokerServer struct {
 
 func (UnimplementedTokenBrokerServer) GetOIDCAccessToken(context.Context, *GetOIDCAccessTokenRequest) (*GetOIDCAccessTokenResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetOIDCAccessToken not implemented")
+}
+func (UnimplementedTokenBrokerServer) WatchLinkEvents(*WatchLinkEventsRequest, TokenBroker_WatchLinkEventsServer) error {
+	return status.Errorf(codes.Unimplemented, "method WatchLinkEvents not implemented")
 }
 func (UnimplementedTokenBrokerServer) mustEmbedUnimplementedTokenBrokerServer() {}
 
@@ -97,6 +152,27 @@ func _TokenBroker_GetOIDCAccessToken_Handler(srv interface{}, ctx context.Contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenBroker_WatchLinkEvents_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchLinkEventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenBrokerServer).WatchLinkEvents(m, &tokenBrokerWatchLinkEventsServer{stream})
+}
+
+type TokenBroker_WatchLinkEventsServer interface {
+	Send(*WatchLinkEventsResponse) error
+	grpc.ServerStream
+}
+
+type tokenBrokerWatchLinkEventsServer struct {
+	grpc.ServerStream
+}
+
+func (x *tokenBrokerWatchLinkEventsServer) Send(m *WatchLinkEventsResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 var _TokenBroker_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "broker.v1.TokenBroker",
 	HandlerType: (*TokenBrokerServer)(nil),
@@ -106,6 +182,12 @@ var _TokenBroker_serviceDesc = grpc.ServiceDesc{
 			Handler:    _TokenBroker_GetOIDCAccessToken_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchLinkEvents",
+			Handler:       _TokenBroker_WatchLinkEvents_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "broker/v1/token_broker.proto",
 }
