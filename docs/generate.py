@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.config import Settings  # the checkout's own package, not an installed one
+from broker.config import EventSettings, Settings  # the checkout's own package, not an installed one
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "broker" / "config.py"
@@ -32,12 +32,17 @@ start-up is exit code 1, which may pass on a restart. Secrets have no default an
 |---|---|---|
 """
 
+#: Settings grouped in a dataclass of their own, expanded in place.
+NESTED: dict[str, type] = {"EventSettings": EventSettings}
+
 #: Defaults that are not a literal in the dataclass (derived, or chosen at start-up).
 DEFAULTS = {
     "database_url": "required to serve",
     "migrate_database_url": "`BROKER_DATABASE_URL`",
     "workers": "`auto`",
     "tracing": "off",
+    "retention": "`7d`",
+    "webhook_retry_period": "`86400` (24 h)",
 }
 
 FOOTER = """
@@ -45,9 +50,12 @@ Set by the supervisor for its workers, never by operators: {internal}.
 """
 
 
-def _default(name: str) -> str:
+def _default(owner: type, name: str) -> str:
     """The field's default as the running code has it (a literal, or a named constant of broker/config.py)."""
-    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    field = next(f for f in dataclasses.fields(owner) if f.name == name)  # type: ignore[arg-type]
+    if field.default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+        return "—" if not value else f"`{value}`"
     if field.default is dataclasses.MISSING:
         return "—"
     value = field.default
@@ -62,18 +70,24 @@ def _default(name: str) -> str:
     return f"`{value}`"
 
 
-def rows() -> tuple[list[str], list[str]]:
-    tree = ast.parse(CONFIG.read_text())
-    settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+def _class_rows(tree: ast.Module, name: str, owner: type) -> tuple[list[str], list[str]]:
+    """Rows of one settings dataclass of broker/config.py; a field typed by another such class is expanded."""
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     out: list[str] = []
     internal: list[str] = []
-    body = settings.body
+    body = cls.body
     for i, node in enumerate(body):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
+        nested = ast.unparse(node.annotation)
+        if nested in NESTED:
+            more, hidden = _class_rows(tree, nested, NESTED[nested])
+            out += more
+            internal += hidden
+            continue
         doc_node = body[i + 1] if i + 1 < len(body) else None
         if not (isinstance(doc_node, ast.Expr) and isinstance(doc_node.value, ast.Constant)):
-            raise SystemExit(f"broker/config.py: Settings.{node.target.id} has no docstring")
+            raise SystemExit(f"broker/config.py: {name}.{node.target.id} has no docstring")
         doc = " ".join(str(doc_node.value.value).split())
         if doc.startswith("Set by the supervisor"):
             internal.append(f"`{re.search(r'BROKER_[A-Z_]+', doc).group(0)}`")  # type: ignore[union-attr]
@@ -82,10 +96,14 @@ def rows() -> tuple[list[str], list[str]]:
         if not sep or not re.search(r"(BROKER|OTEL)_", names):
             names, meaning = doc.rstrip("."), ""
         names = re.sub(r"((?:BROKER|OTEL)_[A-Z0-9_]+)", r"`\1`", names)
-        default = DEFAULTS.get(node.target.id) or _default(node.target.id)
+        default = DEFAULTS.get(node.target.id) or _default(owner, node.target.id)
         meaning = meaning.replace("|", r"\|")
         out.append(f"| {names.strip()} | {default} | {meaning} |")
     return out, internal
+
+
+def rows() -> tuple[list[str], list[str]]:
+    return _class_rows(ast.parse(CONFIG.read_text()), "Settings", Settings)
 
 
 def render() -> str:
