@@ -29,7 +29,16 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_domain_imports_no_adapter_package_of_the_broker() -> None:
-    outward = ("broker.server", "broker.postgres", "broker.workers", "broker.config", "broker.app", "broker.idp")
+    outward = (
+        "broker.server",
+        "broker.postgres",
+        "broker.workers",
+        "broker.events",
+        "broker.config",
+        "broker.app",
+        "broker.idp",
+        "broker.protected_resource",
+    )
     for path in (BROKER / "core").rglob("*.py"):
         wrong = {m for m in _imports(path) if m.startswith(outward) or m.split(".")[0] in ADAPTER_LIBRARIES}
         assert not wrong, f"{path.relative_to(BROKER)} imports {sorted(wrong)}"
