@@ -13,10 +13,9 @@ from uuid import UUID
 import asyncpg
 
 from broker.core.interfaces import ExchangeKey
-from broker.errors import RefreshLockTimeout
 from broker.model import CachedExchange, ExchangedToken, Link, Secret
 from broker.postgres.codec import Codec
-from broker.postgres.store import _DB_ERRORS, PoolConnection, PostgresStore, _rollback, _translate
+from broker.postgres.store import _DB_ERRORS, PoolConnection, PostgresStore, _translate
 
 GET_LINK_AND_EXCHANGED = "SELECT * FROM token_broker.get_oidc_link_exchanged($1, $2, $3, $4)"
 LOCK_EXCHANGED = "SELECT * FROM token_broker.lock_exchanged_token($1, $2, $3, $4)"
@@ -102,41 +101,15 @@ class PostgresExchangeStore:
         self, user_id: UUID, key: ExchangeKey, *, lock_timeout: float, hold_timeout: float
     ) -> AsyncIterator[_LockedExchange]:
         """Hold the key's lock for the block; commit on clean exit, else roll back. Bounded like the refresh lock."""
-        pool = self._store.pool
-        try:
-            async with asyncio.timeout(lock_timeout):
-                conn = await pool.acquire()
-        except _DB_ERRORS as exc:
-            raise _translate(exc, "acquiring a connection for the exchange lock") from None
-        broken = True
-        statement = lock_timeout + 1
-        try:
-            tx = conn.transaction()
-            try:
-                async with asyncio.timeout(statement):
-                    await tx.start()
-                    await conn.execute(
-                        f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms';"
-                        f" SET LOCAL statement_timeout = '{int(statement * 1000)}ms';"
-                        f" SET LOCAL idle_in_transaction_session_timeout = '{int(hold_timeout * 1000)}ms'"
-                    )
-                    row = await conn.fetchrow(LOCK_EXCHANGED, user_id, *key)
-            except asyncpg.LockNotAvailableError:
-                broken = not await _rollback(tx, statement)
-                raise RefreshLockTimeout(f"exchange lock not acquired within {lock_timeout}s") from None
-            except _DB_ERRORS as exc:
-                raise _translate(exc, "taking the exchange lock") from None
-            locked = _LockedExchange(self._codec, conn, user_id, key, _cached(self._codec, row), statement)
-            try:
-                yield locked
-            except BaseException:
-                broken = locked.broken or not await _rollback(tx, statement)
-                raise
-            try:
-                async with asyncio.timeout(statement):
-                    await tx.commit()
-            except _DB_ERRORS as exc:
-                raise _translate(exc, "committing an exchanged token") from None
-            broken = False
-        finally:
-            await self._store.give_back(conn, broken)
+        async with self._store.locked_transaction(
+            LOCK_EXCHANGED,
+            (user_id, *key),
+            lambda conn, row, statement: _LockedExchange(
+                self._codec, conn, user_id, key, _cached(self._codec, row), statement
+            ),
+            lock_timeout=lock_timeout,
+            hold_timeout=hold_timeout,
+            lock="exchange lock",
+            commit="committing an exchanged token",
+        ) as locked:
+            yield locked

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -32,6 +32,15 @@ from broker.telemetry.logs import UserLog
 
 log = logging.getLogger("broker.store")
 T = TypeVar("T")
+
+
+class _Holder(Protocol):
+    """What holds a locked transaction's connection for its block: whether a statement broke the connection."""
+
+    broken: bool
+
+
+H = TypeVar("H", bound=_Holder)
 
 # The reads carry the rejected access token (0005) and the recorded re-auth-required state (0008); the lock carries
 # the state. get_oidc_link(s) and lock_oidc_link stay for the previous release during a rolling upgrade.
@@ -306,44 +315,72 @@ class PostgresStore:
 
         `lock_timeout` bounds the wait for the lock (and each statement); `hold_timeout` is how long the
         transaction may stay open, enforced by the server too (idle_in_transaction_session_timeout)."""
+        async with self.locked_transaction(
+            LOCK_LINK,
+            (user_id,),
+            lambda conn, row, statement: _Locked(self, conn, user_id, self.codec.link(user_id, row), statement),
+            lock_timeout=lock_timeout,
+            hold_timeout=hold_timeout,
+            lock="refresh lock",
+            commit="committing refreshed tokens",
+        ) as locked:
+            yield locked
+
+    @asynccontextmanager
+    async def locked_transaction(
+        self,
+        sql: str,
+        args: Sequence[object],
+        holder: Callable[[PoolConnection, asyncpg.Record | None, float], H],
+        *,
+        lock_timeout: float,
+        hold_timeout: float,
+        lock: str,
+        commit: str,
+    ) -> AsyncIterator[H]:
+        """A transaction whose first statement `sql` takes a lock (and reads what it guards), held for the block:
+        committed on clean exit, else rolled back. `holder(conn, row, statement_timeout)` wraps the connection for
+        the block; its `broken` says whether a statement in it left the connection unusable. Every statement,
+        BEGIN and COMMIT included, is bounded; a connection whose statement timed out is terminated, never reused.
+        The refresh lock and the exchange lock share it."""
         statement = lock_timeout + 1
         try:
-            conn, tx, row = await self._begin_locked(user_id, lock_timeout, hold_timeout)
+            conn, tx, row = await self._begin_locked(sql, args, lock_timeout, hold_timeout, lock)
         except LOST_STATEMENT:
             # Nothing ran and nothing was sent yet (a pooler lost the prepared statement): take the lock once more,
             # without the cache by then.
             try:
-                conn, tx, row = await self._begin_locked(user_id, lock_timeout, hold_timeout)
+                conn, tx, row = await self._begin_locked(sql, args, lock_timeout, hold_timeout, lock)
             except LOST_STATEMENT as exc:
-                raise _translate(exc, "taking the refresh lock") from None
+                raise _translate(exc, f"taking the {lock}") from None
         broken = True  # until the transaction ended cleanly
         try:
-            locked = _Locked(self, conn, user_id, self.codec.link(user_id, row), statement)
+            held = holder(conn, row, statement)
             try:
-                yield locked
+                yield held
             except BaseException:
-                broken = locked.broken or not await _rollback(tx, statement)
+                broken = held.broken or not await _rollback(tx, statement)
                 raise
             try:
                 async with asyncio.timeout(statement):
                     await tx.commit()
             except _DB_ERRORS as exc:
-                raise _translate(exc, "committing refreshed tokens") from None
+                raise _translate(exc, commit) from None
             broken = False
         finally:
             await self._give_back(conn, broken)
 
     async def _begin_locked(
-        self, user_id: UUID, lock_timeout: float, hold_timeout: float
+        self, sql: str, args: Sequence[object], lock_timeout: float, hold_timeout: float, lock: str
     ) -> tuple[PoolConnection, asyncpg.transaction.Transaction, asyncpg.Record | None]:
-        """A connection, its transaction begun with its timeouts, and the row locked in it (the row: None when
-        there is none). On failure the connection is given back, and the error is the domain's, except a lost
-        prepared statement, raised as is."""
+        """A connection, its transaction begun with its timeouts, and `sql` run in it (its row: None when there is
+        none). On failure the connection is given back, and the error is the domain's, except a lost prepared
+        statement, raised as is."""
         try:
             async with asyncio.timeout(lock_timeout):
                 conn = await self._pool.acquire()
         except _DB_ERRORS as exc:
-            raise _translate(exc, "acquiring a connection for the refresh lock") from None
+            raise _translate(exc, f"acquiring a connection for the {lock}") from None
         statement = lock_timeout + 1
         tx = conn.transaction()
         try:
@@ -354,16 +391,16 @@ class PostgresStore:
                     f" SET LOCAL statement_timeout = '{int(statement * 1000)}ms';"
                     f" SET LOCAL idle_in_transaction_session_timeout = '{int(hold_timeout * 1000)}ms'"
                 )
-                row = await conn.fetchrow(LOCK_LINK, user_id)
+                row = await conn.fetchrow(sql, *args)
         except _LOCK_OR_LOST as exc:
             await self._give_back(conn, not await _rollback(tx, statement))
             if isinstance(exc, asyncpg.LockNotAvailableError):
-                raise RefreshLockTimeout(f"refresh lock not acquired within {lock_timeout}s") from None
+                raise RefreshLockTimeout(f"{lock} not acquired within {lock_timeout}s") from None
             raise
         except BaseException as exc:
             await self._give_back(conn, True)
             if isinstance(exc, _DB_ERRORS):
-                raise _translate(exc, "taking the refresh lock") from None
+                raise _translate(exc, f"taking the {lock}") from None
             raise
         return conn, tx, row
 
