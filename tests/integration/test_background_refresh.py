@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from broker.postgres.store import PostgresStore
+from broker.core.interfaces import LinkStore, LockedLink
 from broker.v1 import token_broker_pb2 as pb
 from tests.support.broker import RunningBroker, broker_env, postgres_store, running_broker, warm_discovery
 from tests.support.idp import OidcTestProvider
 from tests.support.pg import Database
 from tests.support.product import ProductRefreshers
+from tests.support.stores import DelegatingStore
 
 #: A tick of 0.05 s (a 60th of a 3-second window), no jitter, a 0.5 s IdP timeout: due 3.6 s before expiry.
 FAST = {
@@ -210,21 +211,20 @@ async def test_a_product_rotation_under_the_broker_is_used_and_the_held_token_ne
     assert after["invalid_grant"] == before["invalid_grant"]
 
 
-class LockWaitsFor:
+class LockWaitsFor(DelegatingStore):
     """A LinkStore over the real one whose refresh lock is taken only once `gate` is set."""
 
-    def __init__(self, inner: PostgresStore, gate: asyncio.Event) -> None:
-        self.inner, self.gate, self.waiting = inner, gate, False
-        self.get_link, self.save_refreshed = inner.get_link, inner.save_refreshed
-        self.heartbeat, self.ping, self.dbcrypt_keys = inner.heartbeat, inner.ping, inner.dbcrypt_keys
-        self.remember_rejected = inner.remember_rejected
-        self.note_reauth_required, self.note_recovered = inner.note_reauth_required, inner.note_recovered
+    def __init__(self, inner: LinkStore, gate: asyncio.Event) -> None:
+        super().__init__(inner)
+        self.gate, self.waiting = gate, False
 
     @asynccontextmanager
-    async def lock_link(self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float) -> AsyncIterator[Any]:
+    async def lock_link(
+        self, user_id: uuid.UUID, *, lock_timeout: float, hold_timeout: float
+    ) -> AsyncIterator[LockedLink]:
         self.waiting = True
         await self.gate.wait()
-        async with self.inner.lock_link(user_id, lock_timeout=lock_timeout, hold_timeout=hold_timeout) as locked:
+        async with super().lock_link(user_id, lock_timeout=lock_timeout, hold_timeout=hold_timeout) as locked:
             yield locked
 
 
