@@ -17,8 +17,6 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import asyncpg
-
 from tests.support.broker import BrokerProcess, broker_env, running_broker
 from tests.support.golang import ROOT, client_dir, run_go
 from tests.support.idp import OidcTestProvider
@@ -128,7 +126,7 @@ async def test_the_go_stream_helper_resumes_across_a_broker_restart(db: Database
     binary = tmp_path / "linkevents"
     await asyncio.to_thread(run_go, "build", "-o", str(binary), "./examples/go/linkevents", cwd=ROOT)
     uid = uuid.uuid4()
-    await note_dead(db, uid)
+    await db.change_link_state(uid)
     first = BrokerProcess(env, tmp_path / "a.log")
     second: BrokerProcess | None = None
     watcher = subprocess.Popen(
@@ -140,8 +138,8 @@ async def test_the_go_stream_helper_resumes_across_a_broker_restart(db: Database
         assert watcher.stdout is not None
         lines = [await asyncio.to_thread(watcher.stdout.readline)]
         first.stop()  # SIGTERM: the stream ends UNAVAILABLE and the helper reconnects
-        await note_dead(db, uid)
-        await note_dead(db, uid)  # 4 more events while no broker runs
+        await db.change_link_state(uid)
+        await db.change_link_state(uid)  # 4 more events while no broker runs
         second = BrokerProcess(env, tmp_path / "b.log", port=first.port)
         out, _ = await asyncio.to_thread(watcher.communicate, timeout=60)
         lines += out.splitlines()
@@ -158,14 +156,3 @@ async def test_the_go_stream_helper_resumes_across_a_broker_restart(db: Database
     finally:
         await conn.close()
     assert [json.loads(line)["id"] for line in lines] == ids
-
-
-async def note_dead(db: Database, uid: uuid.UUID) -> None:
-    """A state change as the broker writes it (a new fingerprint each time: a recovery, then re-auth required)."""
-    conn = await asyncpg.connect(db.service_url)
-    try:
-        await conn.execute(
-            "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, false)", uid, os.urandom(32)
-        )
-    finally:
-        await conn.close()

@@ -51,20 +51,6 @@ def stream_env(db: Database, tokens: Path, **more: str) -> dict[str, str]:
     )
 
 
-async def emit(db: Database, user_id: uuid.UUID, count: int) -> None:
-    """`count` state changes of one link, as the broker writes them (each a new fingerprint after the first)."""
-    conn = await asyncpg.connect(db.service_url)
-    try:
-        for _ in range(count):
-            await conn.execute(
-                "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, false)",
-                user_id,
-                os.urandom(32),
-            )
-    finally:
-        await conn.close()
-
-
 async def ids_in_db(db: Database) -> list[int]:
     conn = await db.admin()
     try:
@@ -96,20 +82,20 @@ async def wait_watching(b: Any, n: int = 1) -> None:
 
 async def test_live_then_resume_after_a_disconnect_misses_nothing(db: Database, tokens: Path) -> None:
     uid, other = uuid.uuid4(), uuid.uuid4()
-    await emit(db, uid, 2)  # before the watcher, 3 events (re-auth; recovered, re-auth): not live
+    await db.change_link_state(uid, 2)  # before the watcher, 3 events (re-auth; recovered, re-auth): not live
     async with running_broker(stream_env(db, tokens, BROKER_REQUEST_TIMEOUT="1")) as b:
         live = watch(b.channel)
         await wait_watching(b)
-        await emit(db, uid, 2)  # 2 changes of a link in that state: 4 events
+        await db.change_link_state(uid, 2)  # 2 changes of a link in that state: 4 events
         first = await take(live, 4)
         assert [e.type for e in first] == ["link.recovered", "link.reauth_required"] * 2
         await asyncio.sleep(1.5)  # longer than BROKER_REQUEST_TIMEOUT: a stream has none
-        await emit(db, other, 1)
+        await db.change_link_state(other, 1)
         fourth = await take(live, 1)
         live.cancel()  # the consumer goes away
         cursor = fourth[0].id
-        await emit(db, uid, 3)
-        await emit(db, other, 2)
+        await db.change_link_state(uid, 3)
+        await db.change_link_state(other, 2)
         resumed = watch(b.channel, after=cursor)
         rest = await take(resumed, 6 + 4)
         resumed.cancel()
@@ -122,7 +108,7 @@ async def test_live_then_resume_after_a_disconnect_misses_nothing(db: Database, 
 
 async def test_cursor_errors_and_the_allowlist(db: Database, tokens: Path) -> None:
     uid = uuid.uuid4()
-    await emit(db, uid, 3)
+    await db.change_link_state(uid, 3)
     ids = await ids_in_db(db)
     async with running_broker(stream_env(db, tokens)) as b:
         for after, code in (
@@ -147,7 +133,7 @@ async def test_cursor_errors_and_the_allowlist(db: Database, tokens: Path) -> No
         assert err.value.code() is grpc.StatusCode.OUT_OF_RANGE
         last = watch(b.channel, str(ids[-1]))  # the newest pruned one is still a good cursor
         await wait_watching(b)
-        await emit(db, uid, 1)
+        await db.change_link_state(uid, 1)
         assert len(await take(last, 2)) == 2
         last.cancel()
         for metadata, code in ((WORKER, grpc.StatusCode.PERMISSION_DENIED), ((), grpc.StatusCode.UNAUTHENTICATED)):
@@ -165,7 +151,7 @@ async def test_streams_are_not_counted_against_the_per_caller_limit(db: Database
     async with running_broker(stream_env(db, tokens, BROKER_MAX_CONCURRENT_PER_CALLER="1")) as b:
         streams = [watch(b.channel) for _ in range(3)]
         await wait_watching(b, 3)
-        await emit(db, uid, 1)
+        await db.change_link_state(uid, 1)
         for s in streams:
             assert [e.type for e in await take(s, 1)] == ["link.reauth_required"]
             s.cancel()
@@ -182,7 +168,7 @@ async def test_an_event_committed_late_with_a_lower_id_is_not_skipped(db: Databa
         await holder.execute(
             "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, false)", slow, os.urandom(32)
         )
-        late = asyncio.create_task(emit(db, fast, 1))  # another replica's event, written meanwhile
+        late = asyncio.create_task(db.change_link_state(fast, 1))  # another replica's event, written meanwhile
         deadline = time.monotonic() + 10
         while not await db.fetchrow("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"):
             assert time.monotonic() < deadline, "the second writer did not queue behind the first"
@@ -202,7 +188,7 @@ async def test_sigterm_ends_the_stream_with_unavailable(db: Database, tokens: Pa
     try:
         async with grpc.aio.insecure_channel(b.target) as channel:
             stream = watch(channel)
-            await emit(db, uuid.uuid4(), 1)
+            await db.change_link_state(uuid.uuid4(), 1)
             await take(stream, 1)
             os.kill(b.proc.pid, signal.SIGTERM)
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -228,7 +214,7 @@ async def test_live_events_behind_pgbouncer_in_transaction_pooling(
     async with running_broker(env) as b:
         stream = watch(b.channel)
         await wait_watching(b)
-        await emit(db, uuid.uuid4(), 3)
+        await db.change_link_state(uuid.uuid4(), 3)
         got = await take(stream, 5)
         stream.cancel()
     assert [int(e.id) for e in got] == await ids_in_db(db)
@@ -236,7 +222,7 @@ async def test_live_events_behind_pgbouncer_in_transaction_pooling(
 
 async def test_the_python_helper_resumes_across_a_broker_restart(db: Database, tokens: Path, tmp_path: Path) -> None:
     uid = uuid.uuid4()
-    await emit(db, uid, 1)
+    await db.change_link_state(uid, 1)
     first = BrokerProcess(stream_env(db, tokens), tmp_path / "a.log")
     port = first.port
     second: BrokerProcess | None = None
@@ -246,11 +232,11 @@ async def test_the_python_helper_resumes_across_a_broker_restart(db: Database, t
             events = client.watch_link_events(after="0")
             async with asyncio.timeout(60):
                 got.append(await anext(events))
-                await emit(db, uid, 1)
+                await db.change_link_state(uid, 1)
                 got.append(await anext(events))
                 os.kill(first.proc.pid, signal.SIGTERM)  # the stream ends UNAVAILABLE; the helper reconnects
                 first.proc.wait(timeout=15)
-                await emit(db, uid, 2)  # while no broker runs
+                await db.change_link_state(uid, 2)  # while no broker runs
                 second = BrokerProcess(stream_env(db, tokens), tmp_path / "b.log", port=port)
                 while len(got) < 1 + 2 + 4:
                     got.append(await anext(events))

@@ -43,20 +43,6 @@ def hook_env(db: Database, receiver: Receiver, **more: str) -> dict[str, str]:
     )
 
 
-async def emit(db: Database, user_id: uuid.UUID, count: int = 1) -> None:
-    """State changes as the broker writes them, pending for the webhook."""
-    conn = await asyncpg.connect(db.service_url)
-    try:
-        for _ in range(count):
-            await conn.execute(
-                "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, true)",
-                user_id,
-                os.urandom(32),
-            )
-    finally:
-        await conn.close()
-
-
 async def states(db: Database) -> list[str]:
     conn = await db.admin()
     try:
@@ -82,11 +68,11 @@ async def test_410_stops_the_endpoint_for_every_replica_until_the_url_changes(
 ) -> None:
     receiver.mode = "gone"
     uid = uuid.uuid4()
-    await emit(db, uid)
+    await db.change_link_state(uid, webhook=True)
     async with running_broker(hook_env(db, receiver)) as b:
         await until(lambda: db.fetchrow("SELECT 1 FROM token_broker.webhook_endpoint WHERE stopped_at IS NOT NULL"))
         await until(lambda: b.sample("token_broker_webhook_deliveries_total", result="gone") == 1)
-        await emit(db, uid)
+        await db.change_link_state(uid, webhook=True)
     assert any(r.levelno == logging.ERROR and "410" in r.getMessage() for r in caplog.records)
     attempts = receiver.attempts
     receiver.mode = "ok"
@@ -114,11 +100,13 @@ async def test_past_the_retry_period_an_event_fails_loudly_and_the_next_ones_go_
     receiver.mode = "fail"
     uid = uuid.uuid4()
     async with running_broker(hook_env(db, receiver, BROKER_WEBHOOK_RETRY_PERIOD="1")) as b:
-        await emit(db, uid)  # re-auth required: never accepted within the retry period
+        await db.change_link_state(uid, webhook=True)  # re-auth required: never accepted within the retry period
         await until(lambda: b.sample("token_broker_webhook_deliveries_total", result="failed") == 1)
         assert b.sample("token_broker_webhook_deliveries_total", result="retry") >= 1
         receiver.mode = "ok"
-        await emit(db, uid)  # recovered, re-auth required: the user's next events are not held up
+        await db.change_link_state(
+            uid, webhook=True
+        )  # recovered, re-auth required: the user's next events are not held up
         got = await asyncio.to_thread(receiver.wait_for, 2, 20)
         await until(lambda: b.sample("token_broker_webhook_deliveries_total", result="delivered") == 2)
     assert await states(db) == ["failed", "delivered", "delivered"]
@@ -135,7 +123,7 @@ async def test_retention_keeps_what_a_webhook_has_still_to_deliver(db: Database,
         await conn.execute(
             "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, false)", delivered, b"x"
         )
-        await emit(db, waiting)
+        await db.change_link_state(waiting, webhook=True)
         assert await conn.fetchval("SELECT token_broker.prune_link_events(0)") == 1
         assert await conn.fetchval("SELECT token_broker.link_events_backlog()") > 0
     finally:
@@ -145,7 +133,7 @@ async def test_retention_keeps_what_a_webhook_has_still_to_deliver(db: Database,
 
 async def test_the_backlog_age_is_a_gauge_of_the_oldest_undelivered_event(db: Database, receiver: Receiver) -> None:
     receiver.stop()
-    await emit(db, uuid.uuid4())
+    await db.change_link_state(uuid.uuid4(), webhook=True)
     async with running_broker(hook_env(db, receiver)) as b:
         await until(lambda: b.sample("token_broker_webhook_oldest_undelivered_seconds") > 0)
         receiver.start()
@@ -176,7 +164,7 @@ async def test_the_example_receiver_prints_verified_events_and_refuses_forgeries
         uid = uuid.uuid4()
         env = broker_env(db, None, BROKER_WEBHOOK_URL=url, BROKER_WEBHOOK_SECRET=secret)
         async with running_broker(env):
-            await emit(db, uid)
+            await db.change_link_state(uid, webhook=True)
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=20)
     finally:
         terminate(proc)

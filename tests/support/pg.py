@@ -128,6 +128,21 @@ class Database:
         """The user's in-flight marker (token_broker.refresh_in_flight), None when there is none."""
         return await self.fetchrow("SELECT * FROM token_broker.refresh_in_flight WHERE user_id = $1", user_id)
 
+    async def change_link_state(self, user_id: uuid.UUID, count: int = 1, *, webhook: bool = False) -> None:
+        """`count` state changes of the user's link as the broker writes them, as the service role (a new
+        fingerprint each time: after the first, a recovery and a new re-auth-required); `webhook`: pending for it."""
+        conn = await asyncpg.connect(self.service_url)
+        try:
+            for _ in range(count):
+                await conn.execute(
+                    "SELECT token_broker.note_reauth_required($1, $2, 'invalid_grant', false, $3)",
+                    user_id,
+                    os.urandom(32),
+                    webhook,
+                )
+        finally:
+            await conn.close()
+
 
 class DatabaseFactory:
     """Creates per-test databases from templates: plain (broker-created tables) and the Go product's schema."""
